@@ -1,0 +1,167 @@
+"""Training checkpoints: graft tensors, optimizer, scheduler and RNG state, written atomically.
+
+Layout of `RUN_DIR/checkpoints/step-000200/`:
+  graft.safetensors      graft tensors only (memory + injector)
+  optimizer.safetensors  optimizer tensors, flattened as state.<param index>.<name>
+  trainer.json           step, optimizer param groups and scalars, scheduler state, python RNG, metrics
+  rng.safetensors        torch CPU (and CUDA) RNG states
+A checkpoint directory is written under a temporary name and renamed when complete, so a crash never
+leaves a half-written checkpoint; `latest.json` / `best.json` name the current ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from graftkit.errors import GraftkitError
+
+FILES = ("graft.safetensors", "optimizer.safetensors", "rng.safetensors", "trainer.json")
+
+
+def save_checkpoint(root: Path, step: int, graft, optimizer, scheduler, info: dict, keep: int = 2) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:06d}"
+    tmp = root / f".step-{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.contiguous().cpu() for k, v in graft.graft_state_dict().items()}, str(tmp / "graft.safetensors"))
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(rng, str(tmp / "rng.safetensors"))
+    trainer = {
+        "step": step,
+        "optimizer": opt_meta,
+        "scheduler": scheduler.state_dict(),
+        "python_rng": _jsonable(random.getstate()),
+        "numpy_rng": _jsonable(np.random.get_state()),
+        **info,
+    }
+    (tmp / "trainer.json").write_text(json.dumps(trainer, indent=1))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _point(root / "latest.json", final)
+    _prune(root, keep)
+    return final
+
+
+def mark_best(root: Path, checkpoint: Path, accuracy: float) -> None:
+    best = root / "best"
+    tmp = root / ".best.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    shutil.copy2(checkpoint / "graft.safetensors", tmp / "graft.safetensors")
+    (tmp / "trainer.json").write_text((checkpoint / "trainer.json").read_text())
+    shutil.rmtree(best, ignore_errors=True)
+    os.replace(tmp, best)
+    _point(root / "best.json", best, accuracy=accuracy, step=json.loads((checkpoint / "trainer.json").read_text())["step"])
+
+
+def resolve_checkpoint(run_dir: Path, which: str = "best") -> Path:
+    """The directory of checkpoint `which`: 'best', 'last', or a step number."""
+    root = Path(run_dir) / "checkpoints"
+    if which in ("best", "last", "latest"):
+        pointer = root / ("best.json" if which == "best" else "latest.json")
+        if not pointer.is_file():
+            if which == "best" and (root / "latest.json").is_file():
+                pointer = root / "latest.json"
+            else:
+                raise GraftkitError(f"{run_dir}: no {which} checkpoint (is this a graftkit run directory?)")
+        return root / json.loads(pointer.read_text())["path"]
+    if not which.isdigit():
+        raise GraftkitError(f"--checkpoint: expected best, last or a step number, got {which!r}")
+    path = root / f"step-{int(which):06d}"
+    if not path.is_dir():
+        raise GraftkitError(f"{run_dir}: no checkpoint for step {which}")
+    return path
+
+
+def load_graft_tensors(graft, checkpoint: Path) -> dict:
+    path = Path(checkpoint) / "graft.safetensors"
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise GraftkitError(f"{path}: damaged or missing graft checkpoint ({exc})") from None
+    missing, unexpected = graft.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise GraftkitError(
+            f"{path}: does not fit this graft (missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}); "
+            "was it trained with another recipe?"
+        )
+    return json.loads((Path(checkpoint) / "trainer.json").read_text())
+
+
+def load_checkpoint(checkpoint: Path, graft, optimizer, scheduler) -> dict:
+    """Restore everything `save_checkpoint` wrote; returns trainer.json."""
+    info = load_graft_tensors(graft, checkpoint)
+    opt = _unflatten_optimizer(load_file(str(checkpoint / "optimizer.safetensors")), info["optimizer"])
+    optimizer.load_state_dict(opt)
+    scheduler.load_state_dict(info["scheduler"])
+    rng = load_file(str(checkpoint / "rng.safetensors"))
+    torch.set_rng_state(rng["torch"])
+    if torch.cuda.is_available():
+        cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda."))]
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda)
+    random.setstate(_tupled(info["python_rng"]))
+    state = info["numpy_rng"]
+    np.random.set_state((state[0], np.array(state[1], dtype=np.uint32), *state[2:]))
+    return info
+
+
+def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, scalars = {}, {}
+    for index, entry in state_dict["state"].items():
+        for name, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{index}.{name}"] = value.contiguous().cpu()
+            else:
+                scalars[f"{index}.{name}"] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        _, index, name = key.split(".", 2)
+        state.setdefault(int(index), {})[name] = value
+    for key, value in meta["scalars"].items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _jsonable(value):
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _tupled(value):
+    return tuple(_tupled(v) for v in value) if isinstance(value, list) else value
+
+
+def _point(pointer: Path, target: Path, **extra) -> None:
+    tmp = pointer.with_name(pointer.name + ".tmp")
+    tmp.write_text(json.dumps({"path": target.name, **extra}))
+    os.replace(tmp, pointer)
+
+
+def _prune(root: Path, keep: int) -> None:
+    steps = sorted(p for p in root.glob("step-*") if p.is_dir())
+    for old in steps[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,111 @@
+"""The injector contract: how what a memory recalls is fed back into a frozen backbone.
+
+An injector owns its parameters, attaches removable hooks to the backbone, and during a forward pass
+reads from the memory state bound with `reading(memory, state)`. Removing the hooks (`detach`)
+restores the bare backbone exactly.
+
+Legend: b batch, n tokens, k memory tokens, d hidden size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from graftkit.memory import Memory
+from graftkit.state import MemoryState
+
+
+class InjectorConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Injector(nn.Module):
+    """Base class of every injector plugin.
+
+    Subclasses implement `attach` (register hooks with `self.hook(...)`), `prepare` (compute what the
+    hooks need from the memory, once per forward pass) and optionally `prepare_inputs` (e.g. prepend
+    soft-prompt tokens to the input embeddings).
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type[InjectorConfig]] = InjectorConfig
+
+    def __init__(self, config: InjectorConfig, hidden_size: int, num_layers: int):
+        super().__init__()
+        self.config = config
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self._handles: list[RemovableHandle] = []
+        self.context: Any = None  # what `prepare` returned for the current forward pass
+
+    # -- hooks -------------------------------------------------------------------------------------
+    def attach(self, backbone) -> None:
+        """Register hooks on `backbone` (a graftkit backbone adapter) through `self.hook`."""
+        raise NotImplementedError
+
+    def hook(self, module: nn.Module, fn) -> None:
+        """Register a forward hook `fn(module, args, output) -> output` that is removed by `detach`."""
+        self._handles.append(module.register_forward_hook(fn))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    # -- per forward pass ----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def reading(self, memory: Memory, state: MemoryState):
+        """Bind a memory state for the forward passes inside the block."""
+        self.context = self.prepare(memory, state)
+        try:
+            yield self.context
+        finally:
+            self.context = None
+
+    def prepare(self, memory: Memory, state: MemoryState) -> Any:
+        """Compute what the hooks need from the memory (e.g. memory tokens b k d)."""
+        return None
+
+    def prepare_inputs(self, embeds: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Change the input embeddings (b n d) and mask (b n) before the backbone runs; default: unchanged.
+
+        Tokens added here are prepended; the graft shifts labels and position ids to match.
+        """
+        return embeds, attention_mask
+
+
+class MemoryTokens(nn.Module):
+    """Reads a memory with `num_tokens` learned queries into memory tokens (b k d)."""
+
+    def __init__(self, dim: int, num_tokens: int, init_scale: float = 0.02):
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(num_tokens, dim) * init_scale)
+
+    def forward(self, memory: Memory, state: MemoryState) -> torch.Tensor:
+        queries = self.queries.unsqueeze(0).expand(state.batch_size, -1, -1)
+        return memory.read(queries.to(_state_dtype(state)), state)
+
+
+def _state_dtype(state: MemoryState) -> torch.dtype:
+    return next((t.dtype for t in state.tensors.values() if t.is_floating_point()), torch.float32)
+
+
+def hook_output(output):
+    """(hidden, rest) of a module output that may be a tensor or a tuple whose first item is hidden."""
+    if isinstance(output, tuple):
+        return output[0], output[1:]
+    return output, None
+
+
+def replace_output(output, hidden):
+    return hidden if not isinstance(output, tuple) else (hidden, *output[1:])

@@ -1,0 +1,107 @@
+"""The memory contract: a test-time learner over `b n d` sequences that knows nothing of transformers.
+
+Subclasses implement `_init_state`, `_write` and `_read`; the public methods here validate shapes,
+keep the per-row written-token count and stamp the state with the memory's identity.
+
+Legend: b batch (rows), n written tokens, m query tokens, d model width.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from graftkit.errors import GraftkitError, StateError
+from graftkit.state import WRITTEN, MemoryState, config_hash
+
+
+class MemoryConfig(BaseModel):
+    """Fields every memory has; a memory's own `Config` subclasses this."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dim: int | None = Field(
+        None, gt=0, description="Width of written and read vectors; a graft fills it from the backbone's hidden size."
+    )
+    write_layer: int = Field(
+        0, ge=0, description="Backbone hidden state that is written: 0 = embeddings, i = output of decoder layer i."
+    )
+    segment_tokens: int = Field(
+        1024, gt=0, description="Turn-1 text runs through the backbone in independent segments of this many tokens."
+    )
+
+
+class Memory(nn.Module):
+    """Base class of every memory plugin."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[MemoryConfig]] = MemoryConfig
+
+    def __init__(self, config: MemoryConfig):
+        super().__init__()
+        if config.dim is None:
+            raise GraftkitError(f"memory.dim: {self.name} needs a width (pass dim=..., or build it through a graft)")
+        self.config = config
+        self.dim = config.dim
+
+    # -- identity --------------------------------------------------------------------------------
+    @property
+    def identity(self) -> dict[str, str]:
+        """Metadata a state of this memory carries; a state with other values is refused."""
+        return {"memory_kind": self.name, "memory_config": config_hash(self.config.model_dump(mode="json"))}
+
+    # -- public API ------------------------------------------------------------------------------
+    def init_state(self, batch_size: int, device=None, dtype=None) -> MemoryState:
+        """A fresh (empty) memory for `batch_size` rows."""
+        device = device if device is not None else _param_device(self)
+        dtype = dtype if dtype is not None else _param_dtype(self)
+        tensors = self._init_state(batch_size, torch.device(device), dtype)
+        tensors[WRITTEN] = torch.zeros(batch_size, dtype=torch.long, device=device)
+        return MemoryState(tensors, self.identity)
+
+    def write(self, x: torch.Tensor, state: MemoryState, mask: torch.Tensor | None = None) -> MemoryState:
+        """Store `x` (b n d) into `state`; positions where `mask` (b n) is False are not written."""
+        self._check(x, state, "write")
+        if mask is not None:
+            if mask.shape != x.shape[:2]:
+                raise GraftkitError(f"memory.write: mask has shape {tuple(mask.shape)}, expected {tuple(x.shape[:2])}")
+            mask = mask.to(device=x.device, dtype=torch.bool)
+        new = self._write(x, state, mask)
+        count = x.shape[1] if mask is None else mask.sum(-1)
+        return new.replace(**{WRITTEN: state.tensors[WRITTEN] + count})
+
+    def read(self, q: torch.Tensor, state: MemoryState) -> torch.Tensor:
+        """Retrieve for queries `q` (b m d); returns (b m d)."""
+        self._check(q, state, "read")
+        return self._read(q, state)
+
+    # -- for subclasses --------------------------------------------------------------------------
+    def _init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _write(self, x: torch.Tensor, state: MemoryState, mask: torch.Tensor | None) -> MemoryState:
+        raise NotImplementedError
+
+    def _read(self, q: torch.Tensor, state: MemoryState) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _check(self, x: torch.Tensor, state: MemoryState, verb: str) -> None:
+        if x.dim() != 3:
+            raise GraftkitError(f"memory.{verb}: expected a (batch, tokens, {self.dim}) tensor, got shape {tuple(x.shape)}")
+        if x.shape[-1] != self.dim:
+            raise GraftkitError(f"memory.{verb}: last dimension is {x.shape[-1]}, this {self.name} memory has dim {self.dim}")
+        if x.shape[0] != state.batch_size:
+            raise GraftkitError(f"memory.{verb}: batch of {x.shape[0]} rows but the state has {state.batch_size}")
+        if state.metadata.get("memory_kind") != self.name:
+            raise StateError(f"memory.{verb}: state belongs to a {state.metadata.get('memory_kind')!r} memory, not {self.name!r}")
+
+
+def _param_device(module: nn.Module) -> torch.device:
+    return next((p.device for p in module.parameters()), torch.device("cpu"))
+
+
+def _param_dtype(module: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)

@@ -1,0 +1,189 @@
+"""Recipes: YAML files that compose a backbone, a memory and an injector, and say how to train them.
+
+Validation has two passes: the file's own schema (this module), then each component block against
+its component's `Config`. Every problem is collected and reported at once, one `dotted.path: message`
+line each (`RecipeError`, exit code 2).
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Iterable, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from graftkit.errors import RecipeError, UnknownComponentError
+
+COMPONENT_BLOCKS = {"backbone": "backbone", "memory": "memory", "injector": "injector"}
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ComponentBlock(BaseModel):
+    """`kind` picks the component; every other key is checked against that component's Config."""
+
+    model_config = ConfigDict(extra="allow")
+
+    kind: str = Field(description="Registered component name (see `graftkit plugins`).")
+
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class DataConfig(Strict):
+    task: Literal["babilong"] = Field("babilong", description="Benchmark family; BABILong is built in.")
+    tasks: list[str] = Field(["qa1"], min_length=1, description="bAbI tasks to train and evaluate on (qa1..qa5 vendored).")
+    train_lengths: list[str] = Field(["0k", "1k"], min_length=1, description="Context lengths sampled for training.")
+    eval_lengths: list[str] = Field(["1k"], min_length=1, description="Context lengths for evaluation during training.")
+    train_samples: int = Field(2000, gt=0, description="Training samples per task and length.")
+    eval_samples: int = Field(100, gt=0, description="Evaluation samples per task and length during training.")
+    seed: int = Field(0, description="Seed of the BABILong construction (background placement).")
+    babi_dir: str | None = Field(None, description="A bAbI v1.2 directory to use instead of the vendored subset.")
+    books: list[str] | None = Field(None, description="Background text files to use instead of the vendored books.")
+
+
+class TrainConfig(Strict):
+    steps: int = Field(600, gt=0, description="Optimizer steps.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_steps: int = Field(30, ge=0, description="Linear warm-up steps before the cosine decay.")
+    batch_size: int = Field(8, gt=0, description="Samples per micro-batch.")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches accumulated per optimizer step.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    seed: int = Field(0, description="Seed of initialisation and sample order.")
+    eval_every: int = Field(200, gt=0, description="Evaluate (and checkpoint) every N steps.")
+    log_every: int = Field(10, gt=0, description="Write a metrics line every N steps.")
+    cache_hidden_states: bool = Field(True, description="Cache turn-1 hidden states on disk (exact: the backbone is frozen).")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto", description="accelerate mixed precision; auto = bf16 on a CUDA device that supports it, else no."
+    )
+
+
+class Recipe(Strict):
+    schema_version: Literal[1] = Field(description="Recipe format version.")
+    backbone: ComponentBlock
+    memory: ComponentBlock
+    injector: ComponentBlock
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    output_dir: str = Field("runs/graft", description="Where checkpoints, metrics and plots are written.")
+
+    # filled by the second pass: each block validated by its component's own Config
+    _configs: dict[str, BaseModel] = {}
+
+    def component_config(self, kind: str) -> BaseModel:
+        return self._configs[kind]
+
+
+def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
+    """Read, override and validate a recipe file; raises RecipeError listing every problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError([("", f"recipe file {path} does not exist")], source=str(path))
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise RecipeError([("", f"malformed YAML{where}: {getattr(exc, 'problem', exc)}")], source=str(path)) from None
+    except UnicodeDecodeError:
+        raise RecipeError([("", "not a UTF-8 text file")], source=str(path)) from None
+    if not isinstance(raw, dict):
+        raise RecipeError([("", "a recipe is a YAML mapping (key: value lines)")], source=str(path))
+    return validate_recipe(raw, overrides, source=str(path))
+
+
+def validate_recipe(raw: dict, overrides: Iterable[str] = (), source: str | None = None) -> Recipe:
+    problems: list[tuple[str, str]] = []
+    for item in overrides:
+        problems += apply_override(raw, item)
+    try:
+        recipe = Recipe.model_validate(raw)
+        specs = {block: getattr(recipe, block) for block in COMPONENT_BLOCKS}
+    except ValidationError as exc:
+        recipe = None
+        problems += pydantic_problems(exc, Recipe)
+        specs = {}  # still run the second pass on every block that passed the first, to report all errors at once
+        for block in COMPONENT_BLOCKS:
+            try:
+                specs[block] = ComponentBlock.model_validate(raw.get(block))
+            except ValidationError:
+                pass  # already reported by the first pass
+    configs = {}
+    for block, spec in specs.items():
+        config, errors = validate_block(block, spec)
+        problems += errors
+        configs[block] = config
+    if problems or recipe is None:
+        raise RecipeError(problems, source)
+    recipe._configs = configs
+    return recipe
+
+
+def validate_block(block: str, spec: ComponentBlock) -> tuple[BaseModel | None, list[tuple[str, str]]]:
+    from graftkit.plugins import get_plugins
+
+    registry = get_plugins().registries[block]
+    try:
+        cls = registry.get(spec.kind)
+    except UnknownComponentError as exc:
+        return None, [(f"{block}.kind", str(exc))]
+    try:
+        return cls.Config.model_validate(spec.options()), []
+    except ValidationError as exc:
+        return None, pydantic_problems(exc, cls.Config, prefix=block)
+
+
+def apply_override(raw: dict, item: str) -> list[tuple[str, str]]:
+    """Apply one `dotted.key=value` (value parsed as YAML) to the raw recipe mapping."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        return [(f"override {item!r}", "expected dotted.key=value, e.g. train.lr=3e-4")]
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text  # not YAML: keep the literal string, the schema decides
+    parts = key.split(".")
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            return [(".".join(parts[: depth + 1]), f"override {item!r}: cannot set {parts[depth + 1]!r} inside a {type(child).__name__}")]
+        node = child
+    node[parts[-1]] = value
+    return []
+
+
+def pydantic_problems(exc: ValidationError, model: type[BaseModel], prefix: str = "") -> list[tuple[str, str]]:
+    """One (dotted.path, message) per pydantic error, with a suggestion for misspelt keys."""
+    problems = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        path = ".".join(([prefix] if prefix else []) + loc)
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            fields = _fields_at(model, loc[:-1])
+            hint = difflib.get_close_matches(loc[-1], fields, n=1)
+            message = "unknown key" + (f"; did you mean {hint[0]!r}?" if hint else f" (allowed: {', '.join(fields)})")
+        elif err["type"] == "missing":
+            message = "required key is missing"
+        elif "input" in err:
+            message += f" (got {err['input']!r})"
+        problems.append((path, message))
+    return problems
+
+
+def _fields_at(model: type[BaseModel], parents: list[str]) -> list[str]:
+    """Field names of the (nested) model at `parents`, for suggestions."""
+    for name in parents:
+        field = model.model_fields.get(name)
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)

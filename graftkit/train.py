@@ -1,0 +1,203 @@
+"""`graftkit train`: two-turn BABILong training of a graft on a frozen backbone.
+
+Every step: a batch from one (task, length) bucket; turn-1 hidden states (cached on disk) are written
+into a fresh memory state with gradients flowing into the memory's meta-parameters; turn 2 (the
+question alone) is scored on the answer tokens. Only graft parameters are optimised (AdamW, warm-up +
+cosine, clipping). accelerate places the work (CPU, one or several GPUs, bf16 where supported).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from graftkit.api import build_graft
+from graftkit.checkpoint import load_checkpoint, mark_best, resolve_checkpoint, save_checkpoint
+from graftkit.errors import GraftkitError
+from graftkit.progress import bar, status
+from graftkit.protocol import HiddenCache, turn2_batch
+from graftkit.recipe import Recipe
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_accuracy: float
+    best_step: int
+    last_step: int
+
+
+class TwoTurn(nn.Module):
+    """Turn-1 write + turn-2 loss as one forward, so data-parallel wrappers see a single call."""
+
+    def __init__(self, graft):
+        super().__init__()
+        self.graft = graft
+
+    def forward(self, hidden, hidden_mask, input_ids, attention_mask, labels):
+        state = self.graft.write_hidden(hidden, hidden_mask)
+        return self.graft(input_ids, state, attention_mask=attention_mask, labels=labels)
+
+
+def build_samples(recipe: Recipe, tokenizer, split: str, lengths: list[str], n: int) -> dict[tuple[str, str], list]:
+    """BABILong samples per (task, length): training from bAbI train, evaluation from bAbI test."""
+    from graftkit.data.babilong import build_babilong
+
+    d = recipe.data
+    buckets = {}
+    for task in d.tasks:
+        for length in lengths:
+            with status(f"building {n} BABILong {task} {split} samples at {length}"):
+                buckets[(task, length)] = build_babilong(
+                    task, split, length, n, seed=d.seed, tokenizer=tokenizer, books=d.books, babi_dir=d.babi_dir
+                )
+    return buckets
+
+
+def make_accelerator(train_config):
+    from accelerate import Accelerator
+
+    precision = train_config.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+
+
+def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainResult:
+    cfg = recipe.train
+    run_dir = Path(recipe.output_dir)
+    ckpt_root = run_dir / "checkpoints"
+    if (ckpt_root / "latest.json").is_file() and not resume:
+        raise GraftkitError(
+            f"output_dir: {run_dir} already holds a run; pass --resume to continue it, "
+            f"or set output_dir=... to start another"
+        )
+    if resume and not (ckpt_root / "latest.json").is_file():
+        raise GraftkitError(f"--resume: {run_dir} has no checkpoint to resume from")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+
+    accelerator = make_accelerator(cfg)
+    torch.manual_seed(cfg.seed)
+    with status(f"loading backbone {recipe.backbone.kind}:{recipe.backbone.options().get('source')}"):
+        graft = build_graft(recipe)
+    if recipe.backbone.options().get("quantize") is None:  # quantized weights are placed at load time
+        graft.backbone.model.to(accelerator.device)
+    graft.to(accelerator.device)
+    tokenizer = graft.backbone.tokenizer
+    train_buckets = build_samples(recipe, tokenizer, "train", recipe.data.train_lengths, recipe.data.train_samples)
+    eval_buckets = build_samples(recipe, tokenizer, "test", recipe.data.eval_lengths, recipe.data.eval_samples)
+    cache = HiddenCache(graft, "auto" if cfg.cache_hidden_states else None)
+    for bucket in [*train_buckets.values(), *eval_buckets.values()]:
+        cache.fill(bucket, progress=progress and accelerator.is_main_process)
+
+    params = graft.trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps))
+    model = TwoTurn(graft)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    start, best = 0, {"accuracy": -1.0, "step": 0}
+    if resume:
+        info = load_checkpoint(resolve_checkpoint(run_dir, "last"), graft, optimizer, scheduler)
+        start, best = info["step"], info.get("best", best)
+        print(f"resuming {run_dir} from step {start}")
+    metrics = Metrics(run_dir / "metrics.jsonl", resume_from=start if resume else None)
+    keys = sorted(train_buckets)
+    rank = accelerator.process_index
+    t0, window = time.perf_counter(), []
+    pbar = bar(range(start, cfg.steps), initial=start, total=cfg.steps, desc="training", disable=not (progress and accelerator.is_main_process))
+    model.train()
+    for step in pbar:
+        step_loss, step_acc = 0.0, []
+        for micro in range(cfg.grad_accum):
+            rng = np.random.default_rng([cfg.seed, step, micro, rank])
+            bucket = train_buckets[keys[rng.integers(len(keys))]]
+            samples = [bucket[i] for i in rng.choice(len(bucket), size=min(cfg.batch_size, len(bucket)), replace=False)]
+            hidden, hidden_mask = cache.get(samples)
+            batch = turn2_batch(graft.backbone, samples, with_answers=True)
+            with accelerator.autocast():
+                out = model(hidden, hidden_mask, **batch)
+            accelerator.backward(out.loss / cfg.grad_accum)
+            step_loss += out.loss.item() / cfg.grad_accum
+            step_acc.append(answer_accuracy(out.logits.detach(), batch["labels"]))
+        accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        window = (window + [float(np.mean(step_acc))])[-50:]
+        pbar.set_postfix(loss=f"{step_loss:.3f}", acc=f"{np.mean(window):.1%}")
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            metrics.write(step=done, loss=step_loss, answer_acc=float(np.mean(window)), lr=scheduler.get_last_lr()[0],
+                          elapsed=time.perf_counter() - t0)
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            model.eval()
+            scores = evaluate_buckets(graft, eval_buckets, cache, cfg.batch_size)
+            model.train()
+            accuracy = float(np.mean(list(scores.values())))
+            metrics.write(step=done, eval={f"{t}/{l}": v for (t, l), v in scores.items()}, eval_accuracy=accuracy)
+            pbar.write(f"step {done}: eval accuracy {accuracy:.1%} " + " ".join(f"{t}/{l}={v:.1%}" for (t, l), v in scores.items()))
+            if accelerator.is_main_process:
+                is_best = accuracy > best["accuracy"]
+                if is_best:
+                    best = {"accuracy": accuracy, "step": done}
+                path = save_checkpoint(ckpt_root, done, graft, optimizer, scheduler, {"best": best, "eval": {f"{t}/{l}": v for (t, l), v in scores.items()}})
+                if is_best:
+                    mark_best(ckpt_root, path, accuracy)
+    pbar.close()
+    if accelerator.is_main_process:
+        from graftkit.plots import plot_metrics
+
+        plot_metrics(run_dir / "metrics.jsonl", run_dir)
+    return TrainResult(run_dir, best["accuracy"], best["step"], cfg.steps)
+
+
+def warmup_cosine(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def answer_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of rows whose answer tokens are all predicted right under teacher forcing."""
+    pred = logits[:, :-1].argmax(-1)
+    gold = labels[:, 1:]
+    scored = gold != -100
+    right = ((pred == gold) | ~scored).all(-1)
+    return right.float().mean().item()
+
+
+@torch.no_grad()
+def evaluate_buckets(graft, buckets: dict, cache: HiddenCache, batch_size: int) -> dict[tuple[str, str], float]:
+    """Two-turn accuracy (official answer check) per (task, length)."""
+    from graftkit.evaluate import graft_predictions
+
+    return {key: float(np.mean([p["correct"] for p in graft_predictions(graft, samples, cache, batch_size)])) for key, samples in buckets.items()}
+
+
+class Metrics:
+    """metrics.jsonl: one JSON object per line (training lines and evaluation lines)."""
+
+    def __init__(self, path: Path, resume_from: int | None = None):
+        self.path = path
+        kept = []
+        if resume_from is not None and path.is_file():  # drop lines logged after the checkpoint resumed from
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= resume_from]
+        path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, **fields) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"time": time.time(), **fields}) + "\n")

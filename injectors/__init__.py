@@ -1,0 +1,13 @@
+"""Built-in injectors, registered through the same hook as third-party plugins."""
+
+from graftkit.hookspecs import hookimpl
+
+
+@hookimpl
+def register_injectors(register):
+    from graftkit.injectors.layer0 import Layer0SoftPrompt
+    from graftkit.injectors.mid_layer import MidLayer
+    from graftkit.injectors.multi_layer import MultiLayerCrossAttention
+
+    for cls in (Layer0SoftPrompt, MidLayer, MultiLayerCrossAttention):
+        register(cls)

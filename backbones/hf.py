@@ -108,6 +108,21 @@ class HFBackbone:
             return self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return self.tokenizer(user_message)["input_ids"]
 
+    def chat_parts(self, head: str, tail: str) -> tuple[list[int], list[int]]:
+        """`chat_ids(head + tail)` split where `tail` starts: (ids up to and with `head`, the rest).
+
+        The first part depends only on `head`, so rows that share it share a cacheable prefix.
+        """
+        marker = "\x1f"  # ASCII unit separator: never in normal text
+        if marker in head or marker in tail:
+            raise GraftkitError("chat message contains the control character U+001F")
+        messages = [{"role": "user", "content": head + marker + tail}]
+        if self.chat_template:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            first, rest = text.split(marker, 1)
+            return self.text_ids(first), self.text_ids(rest)
+        return self.tokenizer(head)["input_ids"], self.text_ids(tail)
+
     def text_ids(self, text: str) -> list[int]:
         """Token ids of plain text (what turn 1 writes into memory), no special tokens."""
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]

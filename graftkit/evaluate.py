@@ -47,7 +47,8 @@ def graft_predictions(graft, samples: Sequence, cache: HiddenCache | None, batch
             hidden, mask = cache.get(chunk) if cache is not None else _uncached(graft, chunk)
             state = graft.write_hidden(hidden, mask)
         batch = turn2_batch(graft.backbone, chunk, with_answers=False)
-        new = graft.generate(batch["input_ids"], state, batch["attention_mask"], max_new_tokens=max_new_tokens)
+        new = graft.generate(batch["input_ids"], state, batch["attention_mask"], max_new_tokens=max_new_tokens,
+                             prefix_ids=batch["prefix_ids"])
         outputs = graft.backbone.tokenizer.batch_decode(new, skip_special_tokens=True)
         results += [_scored(s, o, compare_answers, corrected) for s, o in zip(chunk, outputs)]
     return results

@@ -110,6 +110,10 @@ class Graft(nn.Module):
         return next(self.memory.parameters()).dtype
 
     # -- turn 2 -----------------------------------------------------------------------------------------
+    # Turn 2 may start with a shared `prefix_ids` (e.g. the chat template's system turn and the task
+    # instruction): identical for every row and independent of the memory, so its keys/values are
+    # computed once by the bare backbone and reused. The injector sees only what follows it.
+
     def _inputs(self, input_ids, attention_mask, state):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -119,57 +123,117 @@ class Graft(nn.Module):
         embeds, mask = self.injector.prepare_inputs(embeds, attention_mask)
         return embeds, mask, embeds.shape[1] - input_ids.shape[1]
 
-    def forward(self, input_ids: torch.Tensor, state: MemoryState, attention_mask=None, labels=None):
-        """Turn 2: the question alone, read against `state`. Returns the backbone output with logits
-        (and loss when `labels` are given) for the input positions only."""
+    @torch.no_grad()
+    def _prefix_kv(self, prefix_ids: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        key = tuple(int(i) for i in prefix_ids)
+        if key not in self._prefix_store:
+            assert self.injector.context is None, "the shared prefix must be computed by the bare backbone"
+            ids = torch.tensor([key], device=self.backbone.device)
+            cache = self.backbone.model(input_ids=ids, use_cache=True).past_key_values
+            if len(self._prefix_store) >= 16:
+                self._prefix_store.pop(next(iter(self._prefix_store)))
+            self._prefix_store[key] = [(layer.keys, layer.values) for layer in cache.layers]
+        return self._prefix_store[key]
+
+    @property
+    def _prefix_store(self) -> dict:
+        if "_prefix_kv_store" not in self.__dict__:
+            self.__dict__["_prefix_kv_store"] = {}
+        return self.__dict__["_prefix_kv_store"]
+
+    def _layout(self, prefix_kv, mask: torch.Tensor):
+        """(cache, full attention mask, position ids) for inputs that follow an optional shared prefix."""
+        if not prefix_kv:
+            return None, mask, positions(mask)
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.backbone.model.config)
+        batch = mask.shape[0]
+        for index, (k, v) in enumerate(prefix_kv):
+            cache.update(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1), index)
+        width = prefix_kv[0][0].shape[2]
+        full = torch.cat([mask.new_ones(batch, width), mask], dim=1)
+        return cache, full, positions(mask) + width
+
+    def forward(self, input_ids: torch.Tensor, state: MemoryState, attention_mask=None, labels=None, prefix_ids=None):
+        """Turn 2: the question alone (after an optional shared `prefix_ids`), read against `state`.
+
+        Without `labels`, `logits` cover every input position. With `labels` (-100 = not scored), the
+        loss is the mean cross-entropy of the scored tokens and `logits` cover only the last
+        `out.logits.shape[1]` input positions: those that predict a label (answers end the rows).
+        """
+        prefix_kv = self._prefix_kv(prefix_ids) if prefix_ids else None
         with self.injector.reading(self.memory, state):
-            embeds, mask, prefix = self._inputs(input_ids, attention_mask, state)
-            if labels is not None and prefix:
-                # The model predicts label t+1 from position t: without this, the last prepended token
-                # would be scored on the first input label, which the bare backbone never predicts.
-                labels = torch.cat([labels.new_full((labels.shape[0], prefix + 1), -100), labels[:, 1:]], dim=1)
+            embeds, mask, added = self._inputs(input_ids, attention_mask, state)
+            cache, full_mask, pos = self._layout(prefix_kv, mask)
+            keep = 0 if labels is None else _positions_to_score(labels)
             out = self.backbone.model(
-                inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask), labels=labels, use_cache=False
+                inputs_embeds=embeds, attention_mask=full_mask, position_ids=pos, past_key_values=cache,
+                use_cache=cache is not None, logits_to_keep=keep,
             )
-        out.logits = out.logits[:, prefix:]
+        out.past_key_values = None
+        if labels is None:
+            out.logits = out.logits[:, added:]
+            return out
+        logits = out.logits[:, :-1].float()  # position t predicts label t + 1
+        targets = labels[:, labels.shape[1] - keep + 1 :]
+        out.loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
         return out
 
     @torch.no_grad()
     def generate(
-        self, input_ids: torch.Tensor, state: MemoryState, attention_mask=None, max_new_tokens: int = 16, use_cache: bool = True
+        self, input_ids: torch.Tensor, state: MemoryState, attention_mask=None, max_new_tokens: int = 16,
+        use_cache: bool = True, prefix_ids=None,
     ) -> torch.Tensor:
         """Greedy decoding (b n) -> new tokens (b t), padded with pad_token_id after end of sequence."""
         model, tok = self.backbone.model, self.backbone.tokenizer
-        stop = {tok.eos_token_id, *_as_list(getattr(model.generation_config, "eos_token_id", None))}
-        stop.discard(None)
+        stop = torch.tensor(sorted({tok.eos_token_id, *_as_list(getattr(model.generation_config, "eos_token_id", None))} - {None}))
+        prefix_kv = self._prefix_kv(prefix_ids) if prefix_ids else None
         with self.injector.reading(self.memory, state):
             embeds, mask, _ = self._inputs(input_ids, attention_mask, state)
-            out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask), use_cache=use_cache)
+            cache, full_mask, pos = self._layout(prefix_kv, mask)
+            out = model(inputs_embeds=embeds, attention_mask=full_mask, position_ids=pos, past_key_values=cache,
+                        use_cache=True, logits_to_keep=1)
             new, done = [], torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
             for _ in range(max_new_tokens):
                 token = out.logits[:, -1].argmax(-1)
                 token = torch.where(done, torch.full_like(token, tok.pad_token_id), token)
                 new.append(token)
-                done |= torch.isin(token, torch.tensor(sorted(stop), device=token.device))
+                done |= torch.isin(token, stop.to(token.device))
                 if done.all():
                     break
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
                 if use_cache:
-                    pos = positions(mask)[:, -1:]
-                    out = model(input_ids=token[:, None], attention_mask=mask, position_ids=pos,
+                    full_mask = torch.cat([full_mask, torch.ones_like(mask[:, :1])], dim=1)
+                    pos = pos[:, -1:] + 1
+                    out = model(input_ids=token[:, None], attention_mask=full_mask, position_ids=pos,
                                 past_key_values=out.past_key_values, use_cache=True)
-                else:
+                else:  # recompute everything after the shared prefix (a reference for the cached path)
                     embeds = torch.cat([embeds, self.backbone.embedding(token[:, None])], dim=1)
-                    out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask), use_cache=False)
+                    cache, full_mask, pos = self._layout(prefix_kv, mask)
+                    out = model(inputs_embeds=embeds, attention_mask=full_mask, position_ids=pos, past_key_values=cache,
+                                use_cache=cache is not None, logits_to_keep=1)
         return torch.stack(new, dim=1)
 
-    def answer(self, questions: str | Sequence[str], state: MemoryState, max_new_tokens: int = 16) -> list[str]:
-        """Turn 2 in text: each question (a chat user message) answered from its row of `state`."""
+    def answer(self, questions: str | Sequence[str], state: MemoryState, max_new_tokens: int = 16, instruction: str = "") -> list[str]:
+        """Turn 2 in text: each question answered from its row of `state`.
+
+        The user message is `instruction + question`; the chat template's head and the instruction form
+        the shared prefix, and the injector reads the memory into what follows (as in training).
+        """
         questions = [questions] if isinstance(questions, str) else list(questions)
-        rows = [self.backbone.chat_ids(q) for q in questions]
-        ids, mask = pad(rows, self.backbone.tokenizer.pad_token_id, side="left", device=self.backbone.device)
-        new = self.generate(ids, state, mask, max_new_tokens=max_new_tokens)
+        parts = [self.backbone.chat_parts(instruction, q) for q in questions]
+        prefix = parts[0][0]
+        ids, mask = pad([suffix for _, suffix in parts], self.backbone.tokenizer.pad_token_id, side="left", device=self.backbone.device)
+        new = self.generate(ids, state, mask, max_new_tokens=max_new_tokens, prefix_ids=prefix)
         return [t.strip() for t in self.backbone.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+
+def _positions_to_score(labels: torch.Tensor) -> int:
+    """How many trailing positions are needed to predict every scored label (at least 2)."""
+    scored = (labels != -100).any(0).nonzero()
+    first = int(scored[0]) if len(scored) else labels.shape[1] - 1
+    return min(labels.shape[1], max(2, labels.shape[1] - first + 1))
 
 
 def positions(mask: torch.Tensor) -> torch.Tensor:

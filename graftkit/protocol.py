@@ -21,12 +21,27 @@ from safetensors.torch import load_file, save_file
 
 from graftkit.backbones.sources import cache_dir
 from graftkit.data.prompts import question_prompt
+from graftkit.errors import GraftkitError
 from graftkit.graft import Graft, pad
 
 
-def question_ids(backbone, sample) -> list[int]:
-    """Turn-2 input ids: the chat-templated instruction + question; never the context."""
-    return backbone.chat_ids(question_prompt(sample.task, sample.question))
+def question_parts(backbone, sample) -> tuple[list[int], list[int]]:
+    """Turn-2 ids as (shared prefix, question part): the chat-templated instruction, then the question.
+
+    The prefix (chat head + task instruction and answer format) is the same for every sample of a
+    task; the question part starts at the prompt's last paragraph ("Question: ..."). Neither holds
+    any of the context.
+    """
+    head, tail = split_prompt(question_prompt(sample.task, sample.question), sample.question)
+    return backbone.chat_parts(head, tail)
+
+
+def split_prompt(prompt: str, question: str) -> tuple[str, str]:
+    """Split a question prompt before the paragraph that holds the question."""
+    at = prompt.rfind(question)
+    cut = prompt.rfind("\n\n", 0, at)
+    cut = 0 if cut < 0 else cut + 2
+    return prompt[:cut], prompt[cut:]
 
 
 def answer_ids(backbone, sample) -> list[int]:
@@ -34,16 +49,19 @@ def answer_ids(backbone, sample) -> list[int]:
     return backbone.text_ids(sample.target) + [backbone.tokenizer.eos_token_id]
 
 
-def turn2_batch(backbone, samples: Sequence, with_answers: bool) -> dict[str, torch.Tensor]:
-    """Left-padded turn-2 ids, mask and (with answers) labels that score only the answer tokens."""
-    rows, labels = [], []
+def turn2_batch(backbone, samples: Sequence, with_answers: bool) -> dict:
+    """Left-padded turn-2 ids, mask, the shared prefix and (with answers) labels scoring only the answer."""
+    rows, labels, prefix = [], [], None
     for sample in samples:
-        q = question_ids(backbone, sample)
+        head, q = question_parts(backbone, sample)
+        if prefix is not None and head != prefix:
+            raise GraftkitError("turn2_batch: samples of one batch must share their instruction (one task per batch)")
+        prefix = head
         a = answer_ids(backbone, sample) if with_answers else []
         rows.append(q + a)
         labels.append([-100] * len(q) + a)
     ids, mask = pad(rows, backbone.tokenizer.pad_token_id, side="left", device=backbone.device)
-    batch = {"input_ids": ids, "attention_mask": mask}
+    batch = {"input_ids": ids, "attention_mask": mask, "prefix_ids": prefix}
     if with_answers:
         batch["labels"], _ = pad(labels, -100, side="left", device=backbone.device)
     return batch

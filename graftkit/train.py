@@ -19,7 +19,7 @@ import torch
 import yaml
 from torch import nn
 
-from graftkit.api import build_graft
+from graftkit.api import build_graft, load_backbone
 from graftkit.checkpoint import load_checkpoint, mark_best, resolve_checkpoint, save_checkpoint
 from graftkit.errors import GraftkitError
 from graftkit.progress import bar, status
@@ -42,9 +42,9 @@ class TwoTurn(nn.Module):
         super().__init__()
         self.graft = graft
 
-    def forward(self, hidden, hidden_mask, input_ids, attention_mask, labels):
+    def forward(self, hidden, hidden_mask, input_ids, attention_mask, labels, prefix_ids=None):
         state = self.graft.write_hidden(hidden, hidden_mask)
-        return self.graft(input_ids, state, attention_mask=attention_mask, labels=labels)
+        return self.graft(input_ids, state, attention_mask=attention_mask, labels=labels, prefix_ids=prefix_ids)
 
 
 def build_samples(recipe: Recipe, tokenizer, split: str, lengths: list[str], n: int) -> dict[tuple[str, str], list]:
@@ -86,9 +86,10 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
 
     accelerator = make_accelerator(cfg)
-    torch.manual_seed(cfg.seed)
     with status(f"loading backbone {recipe.backbone.kind}:{recipe.backbone.options().get('source')}"):
-        graft = build_graft(recipe)
+        backbone = load_backbone({"kind": recipe.backbone.kind, **recipe.backbone.options()})
+    torch.manual_seed(cfg.seed)  # after loading: building a tiny-random backbone draws numbers too
+    graft = build_graft(recipe, backbone=backbone)
     if recipe.backbone.options().get("quantize") is None:  # quantized weights are placed at load time
         graft.backbone.model.to(accelerator.device)
     graft.to(accelerator.device)
@@ -172,9 +173,11 @@ def warmup_cosine(warmup: int, total: int):
 
 
 def answer_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Fraction of rows whose answer tokens are all predicted right under teacher forcing."""
+    """Fraction of rows whose answer tokens are all predicted right under teacher forcing.
+
+    `logits` cover the last positions of the rows (see `Graft.forward` with labels)."""
     pred = logits[:, :-1].argmax(-1)
-    gold = labels[:, 1:]
+    gold = labels[:, labels.shape[1] - logits.shape[1] + 1 :]
     scored = gold != -100
     right = ((pred == gold) | ~scored).all(-1)
     return right.float().mean().item()

@@ -1,0 +1,239 @@
+"""Recipes: every shipped recipe parses; every broken one fails with dotted paths, all at once, exit 2.
+
+The broken corpus lives in tests/recipes_broken/*.yaml. Each file states what it must produce in comment
+lines at its top, one per expected problem, in order:
+
+    # error: <dotted.path> | <fragment of the message>
+
+`(file)` as the path means a whole-file problem (malformed YAML, not a mapping) that has no dotted path.
+Adding a file to the folder adds a test case.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+import graftkit
+from graftkit.cli import main
+from graftkit.errors import RecipeError
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
+BROKEN = sorted((Path(__file__).parent / "recipes_broken").glob("*.yaml"))
+EXPECT = re.compile(r"^#\s*error:\s*(?P<path>\S+)\s*\|\s*(?P<fragment>.+?)\s*$")
+NO_PATH = "(file)"
+BASE = ROOT / "recipes" / "smollm2_titans_layer0.yaml"
+
+
+def expected_problems(path: Path) -> list[tuple[str, str]]:
+    """The (dotted path or '', message fragment) pairs a broken recipe declares in its header."""
+    expected = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if m := EXPECT.match(line):
+            expected.append(("" if m["path"] == NO_PATH else m["path"], m["fragment"]))
+    return expected
+
+
+def problem_lines(stderr: str, source: str) -> list[str]:
+    """The indented `path: message` lines of a RecipeError printed by the CLI."""
+    head, *rest = stderr.strip().splitlines()
+    assert head == f"graftkit: error: invalid recipe {source}:", stderr
+    assert all(line.startswith("  ") for line in rest), stderr
+    return [line[2:] for line in rest]
+
+
+def assert_line_matches(line: str, path: str, fragment: str) -> None:
+    if path:
+        assert line.startswith(f"{path}: "), f"expected a problem at {path!r}, got {line!r}"
+        assert fragment in line, f"expected {fragment!r} in {line!r}"
+    else:  # a whole-file problem: the message itself, no dotted path in front
+        assert line.startswith(fragment), f"expected {line!r} to start with {fragment!r}"
+
+
+# -- shipped recipes ---------------------------------------------------------------------------------
+
+
+def test_recipes_folder_is_not_empty():
+    assert len(RECIPES) >= 4, RECIPES
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(ROOT / "recipes")))
+def test_shipped_recipe_is_valid(path):
+    recipe = graftkit.load_recipe(path)
+    assert recipe.schema_version == 1
+    for block in ("backbone", "memory", "injector"):
+        spec = getattr(recipe, block)
+        cls = graftkit.components(block)[spec.kind]
+        config = recipe.component_config(block)
+        assert isinstance(config, cls.Config)
+        # every option written in the recipe reached the component's Config unchanged
+        dumped = config.model_dump()
+        for key, value in spec.options().items():
+            assert dumped[key] == value, (block, key)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_cli_validate_accepts_shipped_recipe(path, capsys):
+    assert main(["validate", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{path}: ok"), out
+
+
+# -- broken recipes ----------------------------------------------------------------------------------
+
+
+def test_broken_corpus_covers_the_error_families():
+    names = {p.stem for p in BROKEN}
+    for required in (
+        "typo_top_level_key", "typo_nested_key", "wrong_types", "unknown_memory_kind", "unknown_key_in_component",
+        "missing_required", "malformed_yaml", "not_a_mapping", "three_problems",
+    ):
+        assert required in names
+    for path in BROKEN:
+        assert expected_problems(path), f"{path.name} declares no '# error: path | fragment' line"
+
+
+@pytest.mark.parametrize("path", BROKEN, ids=lambda p: p.stem)
+def test_broken_recipe_raises_recipe_error_with_every_problem(path):
+    expected = expected_problems(path)
+    with pytest.raises(RecipeError) as info:
+        graftkit.load_recipe(path)
+    problems = dict(info.value.problems)
+    assert len(problems) == len(info.value.problems), "one problem per path"
+    assert sorted(problems) == sorted(p for p, _ in expected), info.value.problems  # order is not part of the contract
+    for dotted, fragment in expected:
+        assert fragment in problems[dotted], (dotted, problems[dotted])
+    assert info.value.exit_code == 2
+
+
+@pytest.mark.parametrize("path", BROKEN, ids=lambda p: p.stem)
+def test_cli_validate_broken_recipe(path, capsys):
+    expected = expected_problems(path)
+    assert main(["validate", str(path)]) == 2  # returns: no exception escapes main()
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "Traceback" not in captured.err
+    lines = problem_lines(captured.err, str(path))
+    assert len(lines) == len(expected), captured.err  # one line per problem, all reported at once
+    for dotted, fragment in expected:
+        matching = [line for line in lines if line.startswith(f"{dotted}: ")] if dotted else lines
+        assert len(matching) == 1, (dotted, captured.err)
+        assert_line_matches(matching[0], dotted, fragment)
+
+
+def test_three_problems_from_both_passes_are_reported_together(capsys):
+    path = Path(__file__).parent / "recipes_broken" / "three_problems.yaml"
+    assert main(["validate", str(path)]) == 2
+    lines = problem_lines(capsys.readouterr().err, str(path))
+    assert sorted(line.split(":")[0] for line in lines) == ["injector.num_token", "memory.kind", "train.lr"]
+
+
+def test_unknown_kind_lists_installed_components():
+    path = Path(__file__).parent / "recipes_broken" / "unknown_memory_kind.yaml"
+    with pytest.raises(RecipeError) as info:
+        graftkit.load_recipe(path)
+    (dotted, message), = info.value.problems
+    assert dotted == "memory.kind"
+    for name in ("titans", "linear", "attention_slots"):
+        assert name in message.split("installed:")[1]
+
+
+def test_not_utf8_file(tmp_path, capsys):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("schema_version: 1\n# caf\xe9\n".encode("latin-1"))
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "not a UTF-8 text file" in err and str(path) in err
+
+
+def test_missing_file(tmp_path, capsys):
+    path = tmp_path / "no_such_recipe.yaml"
+    with pytest.raises(RecipeError, match="no_such_recipe.yaml"):
+        graftkit.load_recipe(path)
+    assert main(["validate", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert f"recipe file {path} does not exist" in captured.err
+    assert "Traceback" not in captured.err
+
+
+def test_directory_is_not_a_recipe(tmp_path, capsys):
+    assert main(["validate", str(tmp_path)]) == 2
+    assert str(tmp_path) in capsys.readouterr().err
+
+
+# -- overrides ---------------------------------------------------------------------------------------
+
+
+def test_overrides_are_applied_and_typed():
+    recipe = graftkit.load_recipe(
+        BASE,
+        [
+            "train.lr=3e-4",  # YAML 1.1 reads this as a string: the schema makes it a float
+            "train.steps=10",
+            "data.tasks=[qa1, qa2]",
+            "output_dir=runs/override test",
+            "memory.write_layer=3",
+            "injector.gate_init=-2.5",
+        ],
+    )
+    assert recipe.train.lr == pytest.approx(3e-4) and type(recipe.train.lr) is float
+    assert recipe.train.steps == 10 and type(recipe.train.steps) is int
+    assert recipe.data.tasks == ["qa1", "qa2"]
+    assert recipe.output_dir == "runs/override test"
+    assert recipe.component_config("memory").write_layer == 3
+    assert recipe.component_config("injector").gate_init == -2.5
+    # untouched values keep what the file says
+    assert recipe.train.batch_size == 8 and recipe.memory.kind == "titans"
+
+
+def test_override_does_not_touch_the_file():
+    before = BASE.read_text()
+    assert graftkit.load_recipe(BASE, ["train.lr=3e-4"]).train.lr == pytest.approx(3e-4)
+    assert BASE.read_text() == before
+    assert graftkit.load_recipe(BASE).train.lr == pytest.approx(1e-3)
+
+
+def test_override_can_add_a_key_the_file_does_not_set():
+    recipe = graftkit.load_recipe(BASE, ["train.warmup_steps=7", "data.babi_dir=/tmp/babi"])
+    assert recipe.train.warmup_steps == 7
+    assert recipe.data.babi_dir == "/tmp/babi"
+
+
+def test_cli_validate_with_override(capsys):
+    assert main(["validate", str(BASE), "train.lr=3e-4", "memory.write_layer=2"]) == 0
+    assert "ok" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("override", "dotted", "fragment"),
+    [
+        ("train.lr=abc", "train.lr", "valid number"),
+        ("train.lr.x=1", "train.lr", "cannot set 'x' inside a float"),
+        ("nokey", "override 'nokey'", "expected dotted.key=value"),
+        ("=3", "override '=3'", "expected dotted.key=value"),
+        ("train..lr=1", "override 'train..lr=1'", "expected dotted.key=value"),
+        ("train.lrr=1", "train.lrr", "did you mean 'lr'?"),
+        ("memory.kind=titan", "memory.kind", "did you mean 'titans'?"),
+        ("memory.heads=many", "memory.heads", "valid integer"),
+    ],
+)
+def test_bad_override(override, dotted, fragment, capsys):
+    with pytest.raises(RecipeError) as info:
+        graftkit.load_recipe(BASE, [override])
+    assert [p for p, _ in info.value.problems] == [dotted]
+    assert fragment in info.value.problems[0][1]
+    assert main(["validate", str(BASE), override]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = problem_lines(err, str(BASE))
+    assert line.startswith(f"{dotted}: ") and fragment in line
+
+
+def test_bad_overrides_are_reported_together():
+    with pytest.raises(RecipeError) as info:
+        graftkit.load_recipe(BASE, ["nokey", "train.lr=abc", "train.steps=0"])
+    paths = [p for p, _ in info.value.problems]
+    assert sorted(paths) == ["override 'nokey'", "train.lr", "train.steps"]

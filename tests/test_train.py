@@ -1,0 +1,123 @@
+"""End to end on a tiny random backbone: train -> files and metrics -> resume -> eval."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from graftkit.cli import main
+from graftkit.errors import GraftkitError
+from graftkit.recipe import validate_recipe
+from graftkit.train import train
+
+RECIPE = {
+    "schema_version": 1,
+    "backbone": {"kind": "llama", "source": "tiny-random"},
+    "memory": {"kind": "titans", "heads": 2, "dim_head": 16, "chunk_size": 16, "write_layer": 1},
+    "injector": {"kind": "layer0_soft_prompt", "num_tokens": 4},
+    "data": {"tasks": ["qa1"], "train_lengths": ["0k", "1k"], "eval_lengths": ["0k"], "train_samples": 8, "eval_samples": 4},
+    "train": {"steps": 4, "batch_size": 2, "eval_every": 2, "log_every": 1, "warmup_steps": 1},
+}
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRAFTKIT_CACHE", str(tmp_path / "cache"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def recipe(tmp_path, name="run", **train):
+    raw = json.loads(json.dumps(RECIPE))
+    raw["train"].update(train)
+    raw["output_dir"] = str(tmp_path / name)
+    return validate_recipe(raw)
+
+
+def test_train_writes_a_complete_run(tmp_path):
+    result = train(recipe(tmp_path), progress=False)
+    run = result.run_dir
+    for name in ("recipe.yaml", "metrics.jsonl", "loss.png", "accuracy.png", "checkpoints/latest.json", "checkpoints/best.json"):
+        assert (run / name).is_file(), name
+    step = run / "checkpoints" / "step-000004"
+    assert sorted(p.name for p in step.iterdir()) == ["graft.safetensors", "optimizer.safetensors", "rng.safetensors", "trainer.json"]
+    assert not list(run.rglob("*.pt")) and not list(run.rglob("*.bin")) and not list(run.rglob("*.pkl"))
+    tensors = load_file(str(step / "graft.safetensors"))
+    assert tensors and all(k.startswith(("memory.", "injector.")) for k in tensors)
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [r for r in lines if "loss" in r]
+    eval_lines = [r for r in lines if "eval" in r]
+    assert [r["step"] for r in train_lines] == [1, 2, 3, 4]
+    assert all(r["loss"] > 0 and 0 <= r["answer_acc"] <= 1 for r in train_lines)
+    assert [r["step"] for r in eval_lines] == [2, 4] and all("qa1/0k" in r["eval"] for r in eval_lines)
+    assert result.best_step in (2, 4)
+    # the turn-1 hidden states were cached on disk, one file per sample
+    assert len(list((tmp_path / "cache" / "hidden").rglob("*.safetensors"))) == 8 * 2 + 4
+
+
+def test_training_changes_the_graft(tmp_path):
+    run = train(recipe(tmp_path, steps=2, eval_every=2), progress=False).run_dir
+    from graftkit.api import build_graft
+
+    fresh = build_graft(validate_recipe({**RECIPE, "output_dir": str(tmp_path / "x")}))
+    fresh.injector.detach()
+    trained = load_file(str(run / "checkpoints" / "step-000002" / "graft.safetensors"))
+    initial = fresh.graft_state_dict()
+    assert trained.keys() == initial.keys()
+    assert any(not torch.equal(trained[k], initial[k]) for k in trained)
+
+
+def test_resume_after_a_crash_gives_the_same_run(tmp_path, monkeypatch):
+    straight = train(recipe(tmp_path, "straight"), progress=False).run_dir
+
+    import graftkit.train as module
+
+    calls = {"n": 0}
+    real = module.answer_accuracy
+
+    def crash_on_third_step(*args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # the machine goes away after the step-2 checkpoint
+        return real(*args)
+
+    monkeypatch.setattr(module, "answer_accuracy", crash_on_third_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe(tmp_path, "crashed"), progress=False)
+    monkeypatch.setattr(module, "answer_accuracy", real)
+    crashed = tmp_path / "crashed"
+    assert json.loads((crashed / "checkpoints" / "latest.json").read_text())["path"] == "step-000002"
+    with pytest.raises(GraftkitError, match="--resume"):
+        train(recipe(tmp_path, "crashed"), progress=False)  # refuses to overwrite a run
+    train(recipe(tmp_path, "crashed"), resume=True, progress=False)
+    a = load_file(str(straight / "checkpoints" / "step-000004" / "graft.safetensors"))
+    b = load_file(str(crashed / "checkpoints" / "step-000004" / "graft.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+    steps = [json.loads(line)["step"] for line in (crashed / "metrics.jsonl").read_text().splitlines() if "loss" in line]
+    assert steps == [1, 2, 3, 4]  # no step logged twice
+
+
+def test_cli_train_and_eval(tmp_path, capsys):
+    import yaml
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump({**RECIPE, "output_dir": str(tmp_path / "cli")}))
+    assert main(["train", str(path), "train.steps=2", "train.eval_every=2"]) == 0
+    assert main(["eval", str(tmp_path / "cli"), "--n", "3", "--lengths", "0k"]) == 0
+    out = capsys.readouterr().out
+    assert "graft (two-turn, answers from memory)" in out and "chance" in out
+    eval_dir = tmp_path / "cli" / "eval"
+    assert sorted(p.name for p in eval_dir.iterdir()) == ["chart.png", "predictions.jsonl", "results.json", "results.md"]
+    results = json.loads((eval_dir / "results.json").read_text())
+    assert set(results["table"]) == {"graft", "empty", "full_context", "question_only", "chance"}
+    assert results["table"]["chance"]["qa1/0k"] == pytest.approx(1 / 6)
+    predictions = [json.loads(line) for line in (eval_dir / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 4 * 3  # four scored rows (chance is computed) x three samples
+    assert main(["eval", str(tmp_path / "nowhere")]) == 1
+    assert "not a graftkit run directory" in capsys.readouterr().err

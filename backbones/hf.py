@@ -68,6 +68,8 @@ class HFBackbone:
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[config.dtype], **_quantization(config), **extra)
         self.model.eval()
         self.model.requires_grad_(False)
+        if config.quantize == "nf4":
+            _keep_nf4_differentiable(self.model)
         self.path = path
 
     # -- structure ---------------------------------------------------------------------------------
@@ -175,6 +177,14 @@ class HFBackbone:
         for tensor in (self.embedding.weight, self.layers[0].self_attn.q_proj.weight):
             h.update(tensor.detach().float().flatten()[:4096].cpu().numpy().tobytes())
         return h.hexdigest()[:16]
+
+
+def _keep_nf4_differentiable(model: nn.Module) -> None:
+    """Stop bitsandbytes from repacking NF4 weights for its AVX512-BF16 CPU kernel on the first no-grad
+    forward: that kernel has no backward, so gradients into the graft would silently go wrong."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _quantization(config: BackboneConfig) -> dict:

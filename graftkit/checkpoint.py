@@ -94,7 +94,11 @@ def load_graft_tensors(graft, checkpoint: Path) -> dict:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as exc:
         raise GraftkitError(f"{path}: damaged or missing graft checkpoint ({exc})") from None
-    missing, unexpected = graft.load_state_dict(tensors, strict=False)
+    try:
+        missing, unexpected = graft.load_state_dict(tensors, strict=False)
+    except RuntimeError as exc:  # shapes differ: another configuration
+        raise GraftkitError(f"{path}: does not fit this graft ({str(exc).splitlines()[-1].strip()}); "
+                            "was it trained with another recipe?") from None
     if missing or unexpected:
         raise GraftkitError(
             f"{path}: does not fit this graft (missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}); "

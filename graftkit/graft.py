@@ -200,7 +200,7 @@ class Graft(nn.Module):
                 token = torch.where(done, torch.full_like(token, tok.pad_token_id), token)
                 new.append(token)
                 done |= torch.isin(token, stop.to(token.device))
-                if done.all():
+                if done.all() or len(new) == max_new_tokens:
                     break
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
                 if use_cache:

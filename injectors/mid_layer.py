@@ -1,0 +1,76 @@
+"""Gated cross-attention onto memory tokens in the middle of the frozen backbone.
+
+A forward hook on decoder layer `layer` adds tanh(gate) · cross-attention(RMSNorm(hidden), memory
+tokens) to that layer's output, i.e. to the residual stream the next layer reads. The memory tokens are
+read once per forward pass by `num_tokens` learned queries; the hook sees every position, including
+each new token of cached generation. The gate starts closed (`gate_init` 0.0), so a fresh graft is the
+bare backbone; rows with an empty memory are never changed. With `direct_read`, each position also
+reads the memory itself (query: a projection of its hidden state) as one more key/value.
+
+Legend: b batch, n tokens, k memory tokens, d hidden size.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+from torch import nn
+
+from graftkit.injector import InjectorConfig, _state_dtype, hook_output, replace_output
+from graftkit.injectors.xattn import (
+    DIM_HEAD_HELP,
+    GATE_HELP,
+    GATE_INIT_HELP,
+    HEADS_HELP,
+    GateKind,
+    GatedCrossAttention,
+    MemoryTokenInjector,
+    check_layer,
+)
+
+
+class MidLayer(MemoryTokenInjector):
+    """One gated cross-attention block on the output of one decoder layer."""
+
+    name = "mid_layer"
+
+    class Config(InjectorConfig):
+        layer: int | None = Field(
+            None,
+            description="Decoder layer (0-based index into the backbone's layers; negative counts from the end) "
+            "whose output receives the memory; default: the middle one, num_layers // 2.",
+        )
+        num_tokens: int = Field(
+            16, ge=1, le=1024, description="Memory tokens read by learned queries, attended to by every position."
+        )
+        heads: int = Field(8, ge=1, le=64, description=HEADS_HELP)
+        dim_head: int = Field(64, ge=4, le=512, description=DIM_HEAD_HELP)
+        gate: GateKind = Field("scalar", description=GATE_HELP)
+        gate_init: float = Field(0.0, ge=-10.0, le=10.0, description=GATE_INIT_HELP)
+        direct_read: bool = Field(
+            False,
+            description="Also read the memory once per token, queried with a projection of the token's hidden state "
+            "at this layer, and attend to that read as one more key/value next to the memory tokens.",
+        )
+
+    config: Config
+
+    def __init__(self, config: Config, hidden_size: int, num_layers: int):
+        super().__init__(config, hidden_size, num_layers)
+        wanted = num_layers // 2 if config.layer is None else config.layer
+        self.layer = check_layer(wanted, num_layers, "injector.layer")
+        self.block = GatedCrossAttention(hidden_size, config.heads, config.dim_head, config.gate, config.gate_init)
+        self.to_query = nn.Linear(hidden_size, hidden_size, bias=False) if config.direct_read else None
+
+    def _attach(self, backbone) -> None:
+        self.hook(backbone.layers[self.layer], self._on_layer)
+
+    def _on_layer(self, module, args, output):
+        if self.context is None:
+            return None
+        hidden, _ = hook_output(output)
+        extra = None
+        if self.to_query is not None:
+            recall = self.context
+            query = self.to_query(hidden.float()).to(_state_dtype(recall.state))
+            extra = recall.memory.read(query, recall.state).float()
+        return replace_output(output, self.block(hidden, self.context, extra))

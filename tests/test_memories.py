@@ -1,0 +1,342 @@
+"""Memory contract tests, run for every memory of the matrix, plus exact references for the
+chunked algorithms (titans: per-token gradients at chunk start; linear: token-by-token delta rule).
+
+The recall test relies on what the built-in memories share: `to_keys` / `to_queries` projections (tied
+for the test) and `recall_target(x)`, the read a perfect memory would return at a written `x`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from pydantic import ValidationError
+from torch.func import functional_call, grad
+
+from graftkit.errors import GraftkitError, StateError
+from graftkit.memories.linear import LinearMemory
+from graftkit.memories.titans import TitansMemory
+from graftkit.state import MemoryState
+from matrix import ALL_MEMORIES, make_memory, memory_class
+
+DIM = 32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from threads; on a busy shared CPU, waiting OpenMP threads cost 10x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def assert_states_equal(a: MemoryState, b: MemoryState, **tolerance) -> None:
+    assert a.tensors.keys() == b.tensors.keys()
+    for name in a.tensors:
+        torch.testing.assert_close(a[name], b[name], msg=lambda m, name=name: f"state tensor {name}: {m}", **tolerance)
+
+
+def relative_error(memory, x: torch.Tensor, state: MemoryState) -> float:
+    target = memory.recall_target(x)
+    return ((memory.read(x, state) - target).square().sum() / target.square().sum()).item()
+
+
+# -- config ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ALL_MEMORIES)
+def test_config_fields_are_described_bounded_and_strict(name):
+    cls = memory_class(name)
+    for field, info in cls.Config.model_fields.items():
+        assert info.description, f"{name}.{field} has no description"
+    with pytest.raises(ValidationError):
+        cls.Config(dim=DIM, no_such_field=1)
+    with pytest.raises(ValidationError):
+        cls.Config(dim=DIM, heads=0)
+    with pytest.raises(GraftkitError, match="needs a width"):
+        cls(cls.Config())
+
+
+# -- shapes and functional updates -------------------------------------------------------------------
+@pytest.mark.parametrize("name", ALL_MEMORIES)
+def test_shapes_batch_first_and_write_is_functional(name):
+    memory = make_memory(name, DIM)
+    state = memory.init_state(3)
+    assert all(t.shape[0] == 3 for t in state.tensors.values())
+    assert state.is_empty.all()
+    before = state.clone()
+    x = torch.randn(3, 13, DIM)
+    new = memory.write(x, state)
+    assert_states_equal(state, before, rtol=0, atol=0)  # the old state is untouched
+    assert new.tokens_written.tolist() == [13, 13, 13]
+    assert all(t.shape == state[k].shape for k, t in new.tensors.items())
+    assert memory.read(torch.randn(3, 5, DIM), new).shape == (3, 5, DIM)
+
+
+@pytest.mark.parametrize("name", ALL_MEMORIES)
+def test_empty_write_is_a_no_op(name):
+    memory = make_memory(name, DIM)
+    state = memory.init_state(2)
+    assert_states_equal(memory.write(torch.randn(2, 0, DIM), state), state, rtol=0, atol=0)
+
+
+# -- recall ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ALL_MEMORIES)
+@pytest.mark.parametrize("tokens", [5, 8])  # shorter than a chunk (8), and exactly one chunk
+def test_untrained_memory_recalls_what_was_written(name, tokens):
+    """Queries projected like keys: reading at the written inputs must come much closer to their
+    values (`recall_target`) than reading an empty memory does. Fails if write() stores nothing."""
+    memory = make_memory(name, DIM)
+    with torch.no_grad():
+        memory.to_queries.weight.copy_(memory.to_keys.weight)
+        x = torch.randn(3, tokens, DIM)
+        empty = memory.init_state(3)
+        written = memory.write(x, empty)
+        assert any(not torch.equal(written[k], empty[k]) for k in empty.tensors if k != "tokens_written")
+        err_written, err_empty = relative_error(memory, x, written), relative_error(memory, x, empty)
+    assert err_written < 0.75 * err_empty, (err_written, err_empty)
+
+
+@pytest.mark.parametrize("name", ALL_MEMORIES)
+def test_final_partial_chunk_is_written(name):
+    memory = make_memory(name, DIM)
+    x = torch.randn(2, 13, DIM)  # one chunk of 8 and a partial chunk of 5
+    with torch.no_grad():
+        whole = memory.write(x, memory.init_state(2))
+        first_chunk = memory.write(x[:, :8], memory.init_state(2))
+    assert not torch.allclose(whole[next(iter(whole.tensors))], first_chunk[next(iter(first_chunk.tensors))])
+
+
+# -- chunking --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ALL_MEMORIES)
+@pytest.mark.parametrize("split", [8, 16])  # chunk boundaries (chunk_size 8)
+def test_split_write_at_chunk_boundary_equals_one_write(name, split):
+    memory = make_memory(name, DIM)
+    x = torch.randn(2, 21, DIM)
+    with torch.no_grad():
+        whole = memory.write(x, memory.init_state(2))
+        parts = memory.write(x[:, split:], memory.write(x[:, :split], memory.init_state(2)))
+    assert_states_equal(whole, parts, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("split", [1, 3, 11])
+def test_linear_memory_split_anywhere_equals_one_write(split):
+    memory = make_memory("linear", DIM)
+    x = torch.randn(2, 21, DIM)
+    with torch.no_grad():
+        whole = memory.write(x, memory.init_state(2))
+        parts = memory.write(x[:, split:], memory.write(x[:, :split], memory.init_state(2)))
+    assert_states_equal(whole, parts, rtol=1e-4, atol=1e-5)
+
+
+# -- masks -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ALL_MEMORIES)
+@pytest.mark.parametrize("masked", [3, 12])  # inside the last chunk; a whole chunk and more
+def test_masked_tail_equals_shorter_write(name, masked):
+    memory = make_memory(name, DIM)
+    x = torch.randn(2, 21, DIM)
+    mask = torch.ones(2, 21, dtype=torch.bool)
+    mask[:, -masked:] = False
+    with torch.no_grad():
+        with_mask = memory.write(x, memory.init_state(2), mask)
+        shorter = memory.write(x[:, :-masked], memory.init_state(2))
+    assert_states_equal(with_mask, shorter, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ALL_MEMORIES)
+def test_masked_positions_do_not_change_the_state(name):
+    memory = make_memory(name, DIM)
+    x = torch.randn(2, 21, DIM)
+    mask = torch.rand(2, 21) > 0.4
+    other = torch.where(mask.unsqueeze(-1), x, 10 * torch.randn_like(x))
+    with torch.no_grad():
+        state = memory.write(torch.randn(2, 4, DIM), memory.init_state(2))
+        a, b = memory.write(x, state, mask), memory.write(other, state, mask)
+        nothing = memory.write(x, state, torch.zeros(2, 21, dtype=torch.bool))
+    assert_states_equal(a, b, rtol=1e-5, atol=1e-6)
+    assert a.tokens_written.tolist() == (mask.sum(-1) + 4).tolist()
+    assert_states_equal(nothing, state, rtol=0, atol=0)
+
+
+# -- gradients -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ALL_MEMORIES)
+def test_gradients_reach_every_parameter(name):
+    memory = make_memory(name, DIM)
+    x, q = torch.randn(2, 21, DIM), torch.randn(2, 6, DIM)  # three chunks, the last one partial
+    state = memory.write(x, memory.init_state(2))
+    memory.read(q, state).square().mean().backward()
+    for param_name, param in memory.named_parameters():
+        assert param.grad is not None, f"{param_name} got no gradient"
+        assert param.grad.abs().sum() > 0, f"{param_name} got a zero gradient"
+        assert torch.isfinite(param.grad).all(), f"{param_name} got a non-finite gradient"
+
+
+def test_titans_truncated_chunks_keep_the_state_and_every_gradient():
+    plain, truncated = make_memory("titans", DIM), make_memory("titans", DIM, truncate_chunks=True)
+    truncated.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 21, DIM)
+    a, b = plain.write(x, plain.init_state(2)), truncated.write(x, truncated.init_state(2))
+    assert_states_equal(a.detach(), b.detach())
+    truncated.read(x, b).square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in truncated.parameters())
+
+
+# -- state files -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ALL_MEMORIES)
+def test_state_save_load_round_trip_is_exact(name, tmp_path):
+    memory = make_memory(name, DIM)
+    with torch.no_grad():
+        state = memory.write(torch.randn(2, 13, DIM), memory.init_state(2))
+    loaded = MemoryState.load(state.save(tmp_path / "state.safetensors"), expect=memory.identity)
+    assert_states_equal(loaded, state, rtol=0, atol=0)
+    assert loaded.metadata == state.metadata
+    q = torch.randn(2, 4, DIM)
+    with torch.no_grad():
+        assert torch.equal(memory.read(q, loaded), memory.read(q, state))
+
+
+@pytest.mark.parametrize("name", ALL_MEMORIES)
+def test_state_of_another_kind_or_config_is_refused(name, tmp_path):
+    memory = make_memory(name, DIM)
+    other_kind = make_memory(next(n for n in ALL_MEMORIES if n != name), DIM)
+    path = other_kind.init_state(1).save(tmp_path / "other_kind.safetensors")
+    with pytest.raises(StateError, match="memory kind"):
+        MemoryState.load(path, expect=memory.identity)
+    with pytest.raises(StateError):
+        memory.write(torch.randn(1, 3, DIM), MemoryState.load(path))
+    other_config = make_memory(name, DIM, chunk_size=4)
+    path = other_config.init_state(1).save(tmp_path / "other_config.safetensors")
+    with pytest.raises(StateError, match="memory config"):
+        MemoryState.load(path, expect=memory.identity)
+
+
+# -- user errors -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ALL_MEMORIES)
+def test_wrong_shapes_are_clear_errors(name):
+    memory = make_memory(name, DIM)
+    state = memory.init_state(2)
+    with pytest.raises(GraftkitError, match="last dimension is 31"):
+        memory.write(torch.randn(2, 5, DIM - 1), state)
+    with pytest.raises(GraftkitError, match="last dimension"):
+        memory.read(torch.randn(2, 5, DIM + 1), state)
+    with pytest.raises(GraftkitError, match="batch of 3 rows"):
+        memory.write(torch.randn(3, 5, DIM), state)
+    with pytest.raises(GraftkitError, match="batch of 1 rows"):
+        memory.read(torch.randn(1, 5, DIM), state)
+    with pytest.raises(GraftkitError, match="expected a"):
+        memory.read(torch.randn(5, DIM), state)
+    with pytest.raises(GraftkitError, match="mask has shape"):
+        memory.write(torch.randn(2, 5, DIM), state, torch.ones(2, 4, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("name", ALL_MEMORIES)
+def test_bfloat16_memory_writes_and_reads_like_float32(name):
+    memory = make_memory(name, DIM)
+    half = make_memory(name, DIM).to(torch.bfloat16)
+    x = torch.randn(2, 21, DIM)
+    with torch.no_grad():
+        full_read = memory.read(x, memory.write(x, memory.init_state(2)))
+        state = half.write(x.bfloat16(), half.init_state(2))
+        half_read = half.read(x.bfloat16(), state)
+    assert half_read.dtype == torch.bfloat16
+    assert all(t.dtype == torch.bfloat16 for k, t in state.tensors.items() if k != "tokens_written")
+    assert (half_read.float() - full_read).norm() < 0.1 * full_read.norm()
+
+
+# -- determinism -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ALL_MEMORIES)
+def test_same_seed_same_memory_same_results(name):
+    a, b = make_memory(name, DIM, seed=3), make_memory(name, DIM, seed=3)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    x, q = torch.randn(2, 13, DIM), torch.randn(2, 4, DIM)
+    with torch.no_grad():
+        sa, sb = a.write(x, a.init_state(2)), b.write(x, b.init_state(2))
+        assert_states_equal(sa, sb, rtol=0, atol=0)
+        assert torch.equal(a.read(q, sa), b.read(q, sb))
+
+
+# -- exact references --------------------------------------------------------------------------------
+def test_titans_chunk_update_matches_per_token_gradient_reference():
+    """Chunk by chunk, token by token: each gradient at the chunk-start weights, summed with the
+    (capped) per-token learning rates, then momentum and decay with the chunk's mean gates."""
+    memory = make_memory("titans", DIM, heads=2, dim_head=8, chunk_size=4).double()
+    with torch.no_grad():  # gates that vary from token to token
+        memory.to_gates.weight.normal_(0.0, 0.5)
+        memory.to_gates.bias.normal_(0.0, 1.0)
+    cfg, b, n = memory.config, 2, 11
+    x = torch.randn(b, n, DIM, dtype=torch.float64)
+    mask = torch.rand(b, n) > 0.3
+    got = memory.write(x, memory.init_state(b), mask)
+
+    with torch.no_grad():
+        keys = F.normalize(rearrange(memory.to_keys(x), "b n (h e) -> (b h) n e", h=cfg.heads), dim=-1)
+        values = F.normalize(rearrange(memory.to_values(x), "b n (h e) -> (b h) n e", h=cfg.heads), dim=-1)
+        lr, momentum, decay = rearrange(memory.to_gates(x), "b n (g h) -> g (b h) n", g=3)
+        rows_mask = repeat(mask, "b n -> (b h) n", h=cfg.heads)
+        initial = [repeat(w, "h i o -> (b h) i o", b=b) for w in memory.mlp.weights]
+
+    def loss(params, key, value):
+        return 0.5 * (functional_call(memory.mlp, params, (key,)) - value).square().sum()
+
+    for row in range(b * cfg.heads):
+        weights = [w[row] for w in initial]
+        moments = [torch.zeros_like(w) for w in weights]
+        for start in range(0, n, cfg.chunk_size):
+            tokens = [t for t in range(start, min(n, start + cfg.chunk_size)) if rows_mask[row, t]]
+            if not tokens:
+                continue
+            theta = cfg.max_lr * torch.sigmoid(lr[row, tokens])
+            overlap = (keys[row, tokens] @ keys[row, tokens].T).abs()
+            theta = theta / (overlap @ theta).max().clamp(min=1.0)
+            params = {f"weights.{l}": w for l, w in enumerate(weights)}
+            grads = [grad(loss)(params, keys[row, t][None], values[row, t][None]) for t in tokens]
+            surprise = [-sum(th * g[f"weights.{l}"] for th, g in zip(theta, grads)) for l in range(len(weights))]
+            eta = torch.sigmoid(momentum[row, tokens].mean())
+            kept = 1 - torch.sigmoid(decay[row, tokens].mean())
+            moments = [eta * s + u for s, u in zip(moments, surprise)]
+            weights = [kept * w + s for w, s in zip(weights, moments)]
+        for l in range(len(weights)):
+            batch_row, head = divmod(row, cfg.heads)
+            torch.testing.assert_close(got[f"w{l}"][batch_row, head], weights[l])
+            torch.testing.assert_close(got[f"s{l}"][batch_row, head], moments[l])
+
+
+def test_linear_chunkwise_delta_rule_matches_token_by_token_reference():
+    memory = make_memory("linear", DIM, heads=2, dim_head=8, chunk_size=4).double()
+    with torch.no_grad():
+        memory.to_decay.weight.normal_(0.0, 1.0)
+        memory.to_decay.bias.fill_(-1.0)
+    b, n = 2, 11
+    x = torch.randn(b, n, DIM, dtype=torch.float64)
+    mask = torch.rand(b, n) > 0.3
+    got = memory.write(x, memory.init_state(b), mask)
+    with torch.no_grad():
+        keys = F.normalize(rearrange(memory.to_keys(x), "b n (h e) -> b h n e", h=2), dim=-1)
+        values = rearrange(memory.to_values(x), "b n (h e) -> b h n e", h=2)
+        beta = rearrange(torch.sigmoid(memory.to_beta(x)), "b n h -> b h n")
+        kept = rearrange(1 - torch.sigmoid(memory.to_decay(x)), "b n h -> b h n")
+        w = torch.zeros(b, 2, 8, 8, dtype=torch.float64)
+        for t in range(n):
+            on = rearrange(mask[:, t].double(), "b -> b 1")
+            a = kept[:, :, t] * on + (1 - on)
+            decayed = rearrange(a, "b h -> b h 1 1") * w
+            error = values[:, :, t] - torch.einsum("bhvk,bhk->bhv", decayed, keys[:, :, t])
+            w = decayed + rearrange(beta[:, :, t] * on, "b h -> b h 1 1") * torch.einsum("bhv,bhk->bhvk", error, keys[:, :, t])
+    torch.testing.assert_close(got["w"], w)
+
+
+def test_titans_step_cap_keeps_correlated_writes_finite():
+    """Hidden states share a large common direction; 64 nearly equal keys in one chunk would make
+    the plain summed update overshoot without the cap."""
+    memory = make_memory("titans", DIM, chunk_size=64, max_lr=3.0)
+    x = 5 * torch.randn(1, 1, DIM) + 0.1 * torch.randn(2, 256, DIM)
+    with torch.no_grad():
+        state = memory.write(x, memory.init_state(2))
+    for name, tensor in state.tensors.items():
+        assert torch.isfinite(tensor.float()).all(), name
+    assert max(state[f"w{l}"].abs().max().item() for l in range(memory.layers)) < 100
+
+
+def test_memories_are_registered_under_their_names():
+    assert [memory_class(n).name for n in ALL_MEMORIES] == ALL_MEMORIES
+    assert memory_class("titans") is TitansMemory and memory_class("linear") is LinearMemory

@@ -2,6 +2,7 @@
 
 from graftkit.api import build_graft, components, create, load_backbone
 from graftkit.errors import GraftkitError, RecipeError, StateError
+from graftkit.export import load_graft
 from graftkit.hookspecs import hookimpl
 from graftkit.recipe import Recipe, load_recipe
 from graftkit.state import MemoryState
@@ -17,5 +18,6 @@ __all__ = [
     "create",
     "hookimpl",
     "load_backbone",
+    "load_graft",
     "load_recipe",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from graftkit.errors import GraftkitError
 
@@ -53,6 +54,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", help="comma-separated subset of: graft,empty,full_context,question_only,chance")
     p.add_argument("--corrected", action="store_true", help="use the corrected answer check (qa7 none/one)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="export a trained graft (config, tensors, model card) to a directory")
+    p.add_argument("run_dir")
+    p.add_argument("--checkpoint", default="best", help="best, last, or a step number")
+    p.add_argument("--out", required=True, help="export directory (new, empty, or a previous export)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("memorize", help="write text into a memory state file (created if missing)")
+    p.add_argument("export_dir", help="an exported graft (graftkit export)")
+    p.add_argument("--state", required=True, help="memory state file (.safetensors)")
+    p.add_argument("files", nargs="*", help="text files to memorize, in order (default: standard input)")
+    p.set_defaults(func=cmd_memorize)
+    p.__class__ = _IntermixedParser  # FILES may follow --state
+
+    p = sub.add_parser("ask", help="answer a question from a memory state alone")
+    p.add_argument("export_dir", help="an exported graft (graftkit export)")
+    p.add_argument("--state", required=True, help="memory state file written by `graftkit memorize` or `chat`")
+    p.add_argument("question", nargs="+")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--raw", action="store_true", help="do not wrap the question in the trained task's prompt")
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("chat", help="interactive: statements are memorized, questions (ending in ?) answered")
+    p.add_argument("export_dir", help="an exported graft (graftkit export)")
+    p.add_argument("--state", required=True, help="memory state file (created if missing, saved on exit)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--raw", action="store_true", help="do not wrap questions in the trained task's prompt")
+    p.set_defaults(func=cmd_chat)
 
     get_plugins().pm.hook.register_commands(cli=sub)
     return parser
@@ -108,6 +137,114 @@ def cmd_eval(args) -> int:
         corrected=args.corrected,
     )
     return 0
+
+
+def cmd_export(args) -> int:
+    from graftkit.export import export_run
+
+    out = export_run(args.run_dir, args.out, checkpoint=args.checkpoint)
+    print(f"exported {args.run_dir} ({args.checkpoint} checkpoint) to {out}")
+    return 0
+
+
+def cmd_memorize(args) -> int:
+    from graftkit.export import load_graft
+    from graftkit.sessions import load_state, memorize, save_state
+
+    if not args.files and sys.stdin.isatty():
+        print("reading the text to memorize from standard input (end with Ctrl-D)", file=sys.stderr)
+    texts = [(f, _read_text(f)) for f in args.files] if args.files else [("standard input", sys.stdin.read())]
+    for name, text in texts:
+        if not text.strip():
+            raise GraftkitError(f"{name}: nothing to memorize (no text)")
+    graft = load_graft(args.export_dir)
+    state = load_state(graft, args.state, missing_ok=True)
+    for _, text in texts:
+        state = memorize(graft, text, state)
+    save_state(graft, state, args.state)
+    print(f"{args.state}: holds {int(state.tokens_written[0])} tokens")
+    return 0
+
+
+def cmd_ask(args) -> int:
+    from graftkit.export import load_graft
+    from graftkit.sessions import ask, load_state
+
+    if not Path(args.state).is_file():
+        raise GraftkitError(f"--state {args.state}: no such memory state file; write one first with "
+                            f"`graftkit memorize {args.export_dir} --state {args.state} FILE`")
+    graft = load_graft(args.export_dir)
+    state = load_state(graft, args.state)
+    print(ask(graft, " ".join(args.question), state, task=_task(graft, args.raw), max_new_tokens=args.max_new_tokens))
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from graftkit.export import load_graft
+    from graftkit.sessions import chat_turn, load_state, reset, save_state
+
+    graft = load_graft(args.export_dir)
+    state = load_state(graft, args.state, missing_ok=True)
+    tty = sys.stdin.isatty()
+    if tty:
+        print(f"memory {args.state}: {int(state.tokens_written[0])} tokens. Statements are memorized, lines ending "
+              "in '?' answered. /save, /reset, /quit")
+    try:
+        while True:
+            line = input("> " if tty else "").strip()
+            if line in ("/quit", "/exit"):
+                break
+            if line == "/save":
+                save_state(graft, state, args.state)
+                print(f"saved {args.state}")
+            elif line == "/reset":
+                state = reset(graft)
+                print("memory cleared")
+            elif line.startswith("/"):
+                print("commands: /save, /reset, /quit")
+            else:
+                try:  # a bad line is a message; the session (and its memory) goes on
+                    state, reply = chat_turn(graft, state, line, _task(graft, args.raw), args.max_new_tokens)
+                except GraftkitError as exc:
+                    print(f"graftkit: error: {exc}", file=sys.stderr)
+                    continue
+                if reply is not None:
+                    print(reply)
+    except (EOFError, KeyboardInterrupt):
+        pass
+    save_state(graft, state, args.state)
+    if tty:
+        print(f"\nsaved {args.state} ({int(state.tokens_written[0])} tokens)")
+    return 0
+
+
+def _task(graft, raw: bool) -> str | None:
+    """The task whose prompt questions go into: the graft's first trained task (None with --raw)."""
+    tasks = graft.export_config.get("tasks") or []
+    return None if raw or not tasks else tasks[0]
+
+
+def _read_text(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise GraftkitError(f"{path}: cannot read text ({exc.strerror if isinstance(exc, OSError) else 'not UTF-8'})") from None
+
+
+class _IntermixedParser(argparse.ArgumentParser):
+    """Positionals may come on both sides of options (`memorize DIR --state FILE a.txt b.txt`): a plain
+    parser hands the optional FILES nothing at DIR and then rejects a.txt as unrecognized."""
+
+    _inner = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._inner:  # parse_known_intermixed_args calls back into parse_known_args
+            return super().parse_known_args(args, namespace)
+        self._inner = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inner = False
 
 
 def _split(value: str | None) -> list[str] | None:

@@ -21,8 +21,9 @@ chunk remain in the Python loop over chunks. The result equals the token-by-toke
 rounding), so writing in two calls gives the same state wherever the split falls.
 Masked positions get β = 0 and a = 1: they leave the memory exactly as it was.
 
-Legend: b rows, n written tokens, m query tokens, d model width, h heads, e dim_head (v rows, k
-columns of W), B rows×heads, k chunks, c (also i, j) tokens inside a chunk.
+Legend: b rows, n written tokens, m query tokens, d model width, h heads, e dim_head, o / i rows
+(value side) / columns (key side) of W, B rows×heads, k chunks, c tokens inside a chunk (i, j in
+the formulas).
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ class LinearMemory(Memory):
                     gate.bias.fill_(bias)
 
     def _init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """`w` (b h v k): an empty matrix per row and head."""
+        """`w` (b h o i): an empty matrix per row and head."""
         cfg = self.config
         return {"w": torch.zeros(batch_size, cfg.heads, cfg.dim_head, cfg.dim_head, device=device, dtype=dtype)}
 
@@ -108,8 +109,8 @@ class LinearMemory(Memory):
 
         # A[i, j] = β_i (γ_i / γ_j) k_i·k_j for j < i; exponents masked before exp (they are ≤ 0 below the diagonal)
         strict = torch.ones(size, size, dtype=torch.bool, device=x.device).tril(-1)
-        ratio = torch.where(strict, rearrange(cum, "k B i -> k B i 1") - rearrange(cum, "k B j -> k B 1 j"), -math.inf).exp()
-        a = ratio * torch.matmul(keys, keys.mT) * rearrange(beta, "k B i -> k B i 1")
+        ratio = torch.where(strict, rearrange(cum, "k B c -> k B c 1") - rearrange(cum, "k B c -> k B 1 c"), -math.inf).exp()
+        a = ratio * torch.matmul(keys, keys.mT) * rearrange(beta, "k B c -> k B c 1")
         # the triangular solve runs in float32 at least (CPU has no half-precision kernel for it)
         exact = torch.promote_types(x.dtype, torch.float32)
         eye = torch.eye(size, dtype=exact, device=x.device)
@@ -121,19 +122,19 @@ class LinearMemory(Memory):
         end_keys = keys * rearrange(to_end, "k B c -> k B c 1")
         last = rearrange(cum[..., -1].exp(), "k B -> k B 1 1")
 
-        w = rearrange(state["w"], "b h v k -> (b h) v k")
+        w = rearrange(state["w"], "b h o i -> (b h) o i")
         # unbind, not indexing: the backward of t-th-chunk indexing would zero-fill a whole tensor per chunk
         for chunk_values, chunk_keys, chunk_end_keys, chunk_last in zip(
             *(t.unbind(0) for t in (new_values, new_keys, end_keys, last))
         ):
-            u = chunk_values - torch.matmul(chunk_keys, w.mT)  # B c v
+            u = chunk_values - torch.matmul(chunk_keys, w.mT)  # B c o
             w = torch.addcmul(torch.matmul(u.mT, chunk_end_keys), chunk_last, w)
-        return state.replace(w=rearrange(w, "(b h) v k -> b h v k", h=heads))
+        return state.replace(w=rearrange(w, "(b h) o i -> b h o i", h=heads))
 
     def _read(self, q: torch.Tensor, state: MemoryState) -> torch.Tensor:
         heads = self.config.heads
         queries = F.normalize(rearrange(self.to_queries(q), "b m (h e) -> b h m e", h=heads), dim=-1)
-        retrieved = torch.matmul(queries, state["w"].mT)  # b h m v
+        retrieved = torch.matmul(queries, state["w"].mT)  # b h m o
         return self.to_out(rearrange(retrieved, "b h m e -> b m (h e)"))
 
     def recall_target(self, x: torch.Tensor) -> torch.Tensor:

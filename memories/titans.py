@@ -184,10 +184,9 @@ class TitansMemory(Memory):
         )
         # normalise in the projection's layout, then lay chunks out contiguously for the batched matmuls
         keys, values = (
-            rearrange(F.normalize(rearrange(t, "b n (h e) -> b n h e", h=heads), dim=-1), "b (k c) h e -> k (b h) c e", c=size)
-            .contiguous()
-            for t in (keys, values)
+            F.normalize(rearrange(t, "b n (h e) -> b n h e", h=heads), dim=-1) for t in (keys, values)
         )
+        keys, values = (rearrange(t, "b (k c) h e -> k (b h) c e", c=size).contiguous() for t in (keys, values))
         lr, momentum, decay = rearrange(gates, "b (k c) (g h) -> g k (b h) c", c=size, g=3)
         keep = torch.ones(x.shape[:2], dtype=x.dtype, device=x.device) if mask is None else mask.to(x.dtype)
         keep = repeat(F.pad(keep, (0, pad)), "b (k c) -> k (b h) c", c=size, h=heads)

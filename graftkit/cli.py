@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="best", help="best, last, or a step number")
     p.add_argument("--rows", help="comma-separated subset of: graft,empty,full_context,question_only,chance")
     p.add_argument("--corrected", action="store_true", help="use the corrected answer check (qa7 none/one)")
+    p.add_argument("--out", help="directory for results.{json,md}, chart.png, predictions.jsonl (default RUN_DIR/eval)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="export a trained graft (config, tensors, model card) to a directory")
@@ -135,6 +136,7 @@ def cmd_eval(args) -> int:
         checkpoint=args.checkpoint,
         rows=_split(args.rows),
         corrected=args.corrected,
+        out=args.out,
     )
     return 0
 

@@ -132,8 +132,9 @@ def evaluate(graft, recipe, tasks: Sequence[str], lengths: Sequence[str], n: int
 
 
 def evaluate_run(run_dir, tasks=None, lengths=None, n: int = 200, checkpoint: str = "best", rows=None,
-                 corrected: bool = False, progress: bool = True) -> dict:
-    """Evaluate a training run directory and write eval/results.{json,md}, eval/chart.png, eval/predictions.jsonl."""
+                 corrected: bool = False, progress: bool = True, out=None) -> dict:
+    """Evaluate a training run directory and write results.{json,md}, chart.png and predictions.jsonl
+    to `out` (default RUN_DIR/eval)."""
     from graftkit.api import build_graft
     from graftkit.checkpoint import load_graft_tensors, resolve_checkpoint
     from graftkit.recipe import load_recipe
@@ -147,7 +148,7 @@ def evaluate_run(run_dir, tasks=None, lengths=None, n: int = 200, checkpoint: st
     result = evaluate(graft, recipe, tasks or recipe.data.tasks, lengths or recipe.data.eval_lengths, n, rows or ROWS,
                       corrected, progress)
     result["checkpoint"] = {"which": checkpoint, "step": info.get("step")}
-    write_results(result, run_dir / "eval")
+    write_results(result, Path(out) if out else run_dir / "eval")
     print(markdown_table(result))
     return result
 

@@ -83,7 +83,11 @@ def loaded(directory, backbone=None):
 
 
 def no_hooks(backbone) -> bool:
-    return all(not m._forward_hooks and not m._forward_pre_hooks for m in backbone.model.modules())
+    """No injector hook is left on the backbone (transformers may keep hooks of its own)."""
+    from graftkit.injector import Injector
+
+    hooks = [h for m in backbone.model.modules() for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())]
+    return not any(isinstance(getattr(h, "__self__", None), Injector) for h in hooks)
 
 
 @torch.no_grad()

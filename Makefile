@@ -34,3 +34,4 @@ bench: setup
 	$(PY) bench/memory_throughput.py
 	$(PY) bench/generation_overhead.py
 	$(PY) bench/recall_latency.py
+	$(PY) bench/train_step_cache.py

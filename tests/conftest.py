@@ -8,6 +8,15 @@ import torch
 import graftkit
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine waiting OpenMP threads cost 10x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_backbone():
     """tiny_backbone(family, quantize=None, dtype="float32") -> a frozen tiny-random backbone, loaded once.

@@ -36,15 +36,6 @@ pytestmark = pytest.mark.skipif(
 MEMORY = {"heads": 2, "dim_head": 16, "expansion": 2, "chunk_size": 16, "write_layer": 1}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from more threads, and on a shared CPU they lose a lot to spinning ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_listed_by_graftkit_plugins(capsys):
     assert main(["plugins"]) == 0
     out = capsys.readouterr().out

@@ -32,15 +32,6 @@ CONTEXT = "Mary went to the kitchen. John moved to the garden. Mary travelled to
 QUESTIONS = ["Where is Mary?", "Where is John?"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from more threads, and on a shared CPU they lose a lot to spinning ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_recipe(output_dir: Path) -> dict:
     return {
         "schema_version": 1,

@@ -37,15 +37,6 @@ MATRIX = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy shared CPU waiting OpenMP threads cost 10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def build(tiny_backbone):
     """build(injector, memory, family, quantize, dtype, **injector_options) -> Graft; detached after the test."""

@@ -23,15 +23,6 @@ from matrix import ALL_MEMORIES, make_memory, memory_class
 DIM = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from threads; on a busy shared CPU, waiting OpenMP threads cost 10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def assert_states_equal(a: MemoryState, b: MemoryState, **tolerance) -> None:
     assert a.tensors.keys() == b.tensors.keys()
     for name in a.tensors:

@@ -16,14 +16,6 @@ from graftkit.protocol import HiddenCache, question_parts, turn2_batch
 from graftkit.train import TwoTurn
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def graft(tiny_backbone, tmp_path, monkeypatch):
     monkeypatch.setenv("GRAFTKIT_CACHE", str(tmp_path))

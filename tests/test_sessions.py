@@ -29,15 +29,6 @@ MEMORY = {"heads": 2, "dim_head": 16, "expansion": 2, "chunk_size": 16, "write_l
 INJECTOR = {"num_tokens": 4, "heads": 2, "gate_init": 1.0}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from more threads, and on a shared CPU they lose a lot to spinning ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_graft(backbone, seed: int):
     torch.manual_seed(seed)
     graft = graft_from_configs(backbone, "titans", MEMORY, "layer0_soft_prompt", INJECTOR)

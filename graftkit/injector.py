@@ -93,10 +93,11 @@ class MemoryTokens(nn.Module):
 
     def forward(self, memory: Memory, state: MemoryState) -> torch.Tensor:
         queries = self.queries.unsqueeze(0).expand(state.batch_size, -1, -1)
-        return memory.read(queries.to(_state_dtype(state)), state)
+        return memory.read(queries.to(state_dtype(state)), state)
 
 
-def _state_dtype(state: MemoryState) -> torch.dtype:
+def state_dtype(state: MemoryState) -> torch.dtype:
+    """The floating dtype a state holds (what reads and writes against it compute in)."""
     return next((t.dtype for t in state.tensors.values() if t.is_floating_point()), torch.float32)
 
 

@@ -28,7 +28,7 @@ from einops import repeat
 from pydantic import Field
 from torch import nn
 
-from graftkit.injector import InjectorConfig, _state_dtype
+from graftkit.injector import InjectorConfig, state_dtype
 from graftkit.injectors.xattn import (
     DIM_HEAD_HELP,
     GATE_HELP,
@@ -93,6 +93,6 @@ class Layer0SoftPrompt(MemoryTokenInjector):
             return None
         extra = None
         if self.to_query is not None:
-            query = self.to_query(output.float()).to(_state_dtype(recall.state))
+            query = self.to_query(output.float()).to(state_dtype(recall.state))
             extra = recall.memory.read(query, recall.state).float()
         return self.block(output, recall, extra)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pydantic import Field
 from torch import nn
 
-from graftkit.injector import InjectorConfig, _state_dtype, hook_output, replace_output
+from graftkit.injector import InjectorConfig, state_dtype, hook_output, replace_output
 from graftkit.injectors.xattn import (
     DIM_HEAD_HELP,
     GATE_HELP,
@@ -71,6 +71,6 @@ class MidLayer(MemoryTokenInjector):
         extra = None
         if self.to_query is not None:
             recall = self.context
-            query = self.to_query(hidden.float()).to(_state_dtype(recall.state))
+            query = self.to_query(hidden.float()).to(state_dtype(recall.state))
             extra = recall.memory.read(query, recall.state).float()
         return replace_output(output, self.block(hidden, self.context, extra))

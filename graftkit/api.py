@@ -56,18 +56,19 @@ def load_backbone(spec: Mapping[str, Any]):
 
 def build_graft(recipe, backbone=None):
     """A Graft built from a recipe (a Recipe or a path to one); pass `backbone` to reuse a loaded one."""
-    from graftkit.graft import Graft
     from graftkit.recipe import Recipe, load_recipe
 
     if isinstance(recipe, (str, Path)):
         recipe = load_recipe(recipe)
-    assert isinstance(recipe, Recipe)
+    if not isinstance(recipe, Recipe):
+        raise GraftkitError(f"build_graft: expected a Recipe or a recipe file path, got {type(recipe).__name__}")
     if backbone is None:
         backbone = load_backbone({"kind": recipe.backbone.kind, **recipe.backbone.options()})
     return graft_from_configs(backbone, recipe.memory.kind, recipe.memory.options(), recipe.injector.kind, recipe.injector.options())
 
 
 def graft_from_configs(backbone, memory_kind: str, memory_options: Mapping, injector_kind: str, injector_options: Mapping):
+    """A Graft on a loaded backbone from memory/injector kinds and options (dim is the backbone's)."""
     from graftkit.graft import Graft
 
     memory_options = dict(memory_options)

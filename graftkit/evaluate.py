@@ -98,9 +98,7 @@ def evaluate(graft, recipe, tasks: Sequence[str], lengths: Sequence[str], n: int
     """Accuracy per row, task and length; returns {"table": {row: {"task/length": acc|None}}, "predictions": [...]}."""
     from graftkit.data.babilong import build_babilong
 
-    unknown = [r for r in rows if r not in ROWS]
-    if unknown:
-        raise GraftkitError(f"--rows: unknown row(s) {', '.join(unknown)}; choose from {', '.join(ROWS)}")
+    check_request(tasks, lengths, rows)
     backbone = graft.backbone
     cache = HiddenCache(graft, "auto" if recipe.train.cache_hidden_states else None)
     max_positions = getattr(backbone.model.config, "max_position_embeddings", None)
@@ -131,6 +129,19 @@ def evaluate(graft, recipe, tasks: Sequence[str], lengths: Sequence[str], n: int
     return {"n": n, "tasks": list(tasks), "lengths": list(lengths), "corrected": corrected, "table": table, "predictions": predictions}
 
 
+def check_request(tasks: Sequence[str], lengths: Sequence[str], rows: Sequence[str]) -> None:
+    """Refuse unknown rows, tasks or lengths before any weights are loaded."""
+    from graftkit.data.tasks import check_task, parse_length
+
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        raise GraftkitError(f"--rows: unknown row(s) {', '.join(unknown)}; choose from {', '.join(ROWS)}")
+    for task in tasks:
+        check_task(task)
+    for length in lengths:
+        parse_length(length)
+
+
 def evaluate_run(run_dir, tasks=None, lengths=None, n: int = 200, checkpoint: str = "best", rows=None,
                  corrected: bool = False, progress: bool = True, out=None) -> dict:
     """Evaluate a training run directory and write results.{json,md}, chart.png and predictions.jsonl
@@ -143,10 +154,11 @@ def evaluate_run(run_dir, tasks=None, lengths=None, n: int = 200, checkpoint: st
     if not (run_dir / "recipe.yaml").is_file():
         raise GraftkitError(f"{run_dir}: not a graftkit run directory (no recipe.yaml)")
     recipe = load_recipe(run_dir / "recipe.yaml")
+    tasks, lengths, rows = tasks or recipe.data.tasks, lengths or recipe.data.eval_lengths, rows or ROWS
+    check_request(tasks, lengths, rows)
     graft = build_graft(recipe)
     info = load_graft_tensors(graft, resolve_checkpoint(run_dir, checkpoint))
-    result = evaluate(graft, recipe, tasks or recipe.data.tasks, lengths or recipe.data.eval_lengths, n, rows or ROWS,
-                      corrected, progress)
+    result = evaluate(graft, recipe, tasks, lengths, n, rows, corrected, progress)
     result["checkpoint"] = {"which": checkpoint, "step": info.get("step")}
     write_results(result, Path(out) if out else run_dir / "eval")
     print(markdown_table(result))

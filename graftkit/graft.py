@@ -35,6 +35,7 @@ class Graft(nn.Module):
         self.backbone = backbone
         self.memory = memory
         self.injector = injector
+        self._prefix_kv: dict[tuple[int, ...], list] = {}  # shared-prefix keys/values, computed once
         injector.attach(backbone)
         self.to(backbone.device)
 
@@ -124,22 +125,17 @@ class Graft(nn.Module):
         return embeds, mask, embeds.shape[1] - input_ids.shape[1]
 
     @torch.no_grad()
-    def _prefix_kv(self, prefix_ids: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def prefix_kv(self, prefix_ids: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Keys/values (per layer) of a shared prefix, run once by the bare backbone and kept (16 at most)."""
         key = tuple(int(i) for i in prefix_ids)
-        if key not in self._prefix_store:
+        if key not in self._prefix_kv:
             assert self.injector.context is None, "the shared prefix must be computed by the bare backbone"
             ids = torch.tensor([key], device=self.backbone.device)
             cache = self.backbone.model(input_ids=ids, use_cache=True).past_key_values
-            if len(self._prefix_store) >= 16:
-                self._prefix_store.pop(next(iter(self._prefix_store)))
-            self._prefix_store[key] = [(layer.keys, layer.values) for layer in cache.layers]
-        return self._prefix_store[key]
-
-    @property
-    def _prefix_store(self) -> dict:
-        if "_prefix_kv_store" not in self.__dict__:
-            self.__dict__["_prefix_kv_store"] = {}
-        return self.__dict__["_prefix_kv_store"]
+            if len(self._prefix_kv) >= 16:
+                self._prefix_kv.pop(next(iter(self._prefix_kv)))
+            self._prefix_kv[key] = [(layer.keys, layer.values) for layer in cache.layers]
+        return self._prefix_kv[key]
 
     def _layout(self, prefix_kv, mask: torch.Tensor):
         """(cache, full attention mask, position ids) for inputs that follow an optional shared prefix."""
@@ -162,7 +158,7 @@ class Graft(nn.Module):
         loss is the mean cross-entropy of the scored tokens and `logits` cover only the last
         `out.logits.shape[1]` input positions: those that predict a label (answers end the rows).
         """
-        prefix_kv = self._prefix_kv(prefix_ids) if prefix_ids else None
+        prefix_kv = self.prefix_kv(prefix_ids) if prefix_ids else None
         with self.injector.reading(self.memory, state):
             embeds, mask, added = self._inputs(input_ids, attention_mask, state)
             cache, full_mask, pos = self._layout(prefix_kv, mask)
@@ -188,7 +184,7 @@ class Graft(nn.Module):
         """Greedy decoding (b n) -> new tokens (b t), padded with pad_token_id after end of sequence."""
         model, tok = self.backbone.model, self.backbone.tokenizer
         stop = torch.tensor(sorted({tok.eos_token_id, *_as_list(getattr(model.generation_config, "eos_token_id", None))} - {None}))
-        prefix_kv = self._prefix_kv(prefix_ids) if prefix_ids else None
+        prefix_kv = self.prefix_kv(prefix_ids) if prefix_ids else None
         with self.injector.reading(self.memory, state):
             embeds, mask, _ = self._inputs(input_ids, attention_mask, state)
             cache, full_mask, pos = self._layout(prefix_kv, mask)

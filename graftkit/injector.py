@@ -13,7 +13,7 @@ import contextlib
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 

@@ -380,7 +380,7 @@ def test_vendored_files_match_the_manifest_and_carry_their_notice():
         path = folder / entry["file"]
         data = lzma.decompress(path.read_bytes()) if path.suffix == ".xz" else path.read_bytes()
         assert hashlib.sha256(data).hexdigest() == entry["sha256"], entry["file"]
-    for task, info in TASKS.items():
+    for info in TASKS.values():
         for split, n in (("train", info.n_train), ("test", info.n_test)):
             entry = files[f"babi/{info.stem}_{split}.txt.xz"]
             source = info.train_source if split == "train" else "en"

@@ -3,6 +3,8 @@
 Turn 1, `memorize`: text -> backbone hidden states at the memory's `write_layer` (no gradient into
 the backbone; computed in independent segments of `segment_tokens`) -> `memory.write` -> new state.
 Turn 2, `forward` / `generate` / `answer`: the question alone; the injector reads the state.
+With the memory's `standardize` on (the default), written hidden states first go through a
+`WriteNorm` calibrated on the backbone when the graft is built (see `graftkit.write_norm`).
 
 Legend: b batch, n tokens, d hidden size.
 """
@@ -19,6 +21,7 @@ from graftkit.errors import GraftkitError
 from graftkit.injector import Injector
 from graftkit.memory import Memory
 from graftkit.state import MemoryState
+from graftkit.write_norm import CALIBRATION_TOKENS, WriteNorm, calibration_text
 
 
 class Graft(nn.Module):
@@ -36,8 +39,17 @@ class Graft(nn.Module):
         self.memory = memory
         self.injector = injector
         self._prefix_kv: dict[tuple[int, ...], list] = {}  # shared-prefix keys/values, computed once
+        self.write_norm = WriteNorm(backbone.hidden_size) if memory.config.standardize else None
+        if self.write_norm is not None:
+            self.calibrate()  # before the injector attaches: the bare backbone's statistics
         injector.attach(backbone)
         self.to(backbone.device)
+
+    def calibrate(self) -> None:
+        """Measure the write-layer statistics of `WriteNorm` on the fixed calibration passage."""
+        ids = self.backbone.text_ids(calibration_text())[:CALIBRATION_TOKENS]
+        hidden = self.context_hidden(torch.tensor([ids], device=self.backbone.device))
+        self.write_norm.calibrate(hidden[0])
 
     # -- identity ------------------------------------------------------------------------------------
     def identity(self) -> dict[str, str]:
@@ -86,6 +98,8 @@ class Graft(nn.Module):
             state = self.init_state(hidden.shape[0])
         if hidden.shape[1] == 0:
             return state
+        if self.write_norm is not None:
+            hidden = self.write_norm(hidden.float())
         return self.memory.write(hidden.to(self.memory_dtype), state, mask)
 
     def memorize(

@@ -32,6 +32,12 @@ class MemoryConfig(BaseModel):
     segment_tokens: int = Field(
         1024, gt=0, description="Turn-1 text runs through the backbone in independent segments of this many tokens."
     )
+    standardize: bool = Field(
+        True,
+        description="In a graft, standardise written hidden states per channel (mean and standard deviation of "
+        "the backbone at write_layer, measured on a fixed text when the graft is built) before the memory "
+        "sees them; removes the large direction all hidden states share. The memory alone ignores it.",
+    )
 
 
 class Memory(nn.Module):

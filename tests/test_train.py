@@ -44,7 +44,7 @@ def test_train_writes_a_complete_run(tmp_path):
     assert sorted(p.name for p in step.iterdir()) == ["graft.safetensors", "optimizer.safetensors", "rng.safetensors", "trainer.json"]
     assert not list(run.rglob("*.pt")) and not list(run.rglob("*.bin")) and not list(run.rglob("*.pkl"))
     tensors = load_file(str(step / "graft.safetensors"))
-    assert tensors and all(k.startswith(("memory.", "injector.")) for k in tensors)
+    assert tensors and all(k.startswith(("memory.", "injector.", "write_norm.")) for k in tensors)
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train_lines = [r for r in lines if "loss" in r]
     eval_lines = [r for r in lines if "eval" in r]

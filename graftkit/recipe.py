@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any, Iterable, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from graftkit.errors import RecipeError, UnknownComponentError
 
@@ -39,11 +40,50 @@ class DataConfig(Strict):
     tasks: list[str] = Field(["qa1"], min_length=1, description="bAbI tasks to train and evaluate on (qa1..qa5 vendored).")
     train_lengths: list[str] = Field(["0k", "1k"], min_length=1, description="Context lengths sampled for training.")
     eval_lengths: list[str] = Field(["1k"], min_length=1, description="Context lengths for evaluation during training.")
-    train_samples: int = Field(2000, gt=0, description="Training samples per task and length.")
+    train_samples: int | dict[str, int] = Field(
+        2000,
+        description="Training samples per task and length; a mapping such as {0k: 1000, 1k: 1000, 4k: 300} "
+        "sets it per length (every training length must be named).",
+    )
     eval_samples: int = Field(100, gt=0, description="Evaluation samples per task and length during training.")
     seed: int = Field(0, description="Seed of the BABILong construction (background placement).")
     babi_dir: str | None = Field(None, description="A bAbI v1.2 directory to use instead of the vendored subset.")
     books: list[str] | None = Field(None, description="Background text files to use instead of the vendored books.")
+
+    @field_validator("train_samples", mode="before")
+    @classmethod
+    def _counts(cls, value: Any, info: ValidationInfo) -> int | dict[str, int]:
+        def count(n: Any) -> int:
+            if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+                raise PydanticCustomError("count", "expected a positive integer or a mapping {length: positive integer}")
+            return n
+
+        if not isinstance(value, dict):
+            return count(value)
+        counts = {str(length): count(n) for length, n in value.items()}
+        named, lengths = set(map(_label, counts)), set(map(_label, info.data.get("train_lengths", [])))
+        if len(named) != len(counts) or named != lengths:
+            raise PydanticCustomError(
+                "lengths",
+                "names the lengths {named} but train_lengths is {lengths}; name each training length once",
+                {"named": sorted(named), "lengths": sorted(lengths)},
+            )
+        return counts
+
+    def samples_for(self, length: str) -> int:
+        """Training samples per task at `length`."""
+        if isinstance(self.train_samples, int):
+            return self.train_samples
+        return {_label(k): n for k, n in self.train_samples.items()}[_label(length)]
+
+
+def _label(length: str) -> str:
+    from graftkit.data.tasks import DataError, length_label
+
+    try:
+        return length_label(length)
+    except DataError:
+        return str(length)  # an invalid label is reported where lengths are used
 
 
 class TrainConfig(Strict):

@@ -47,17 +47,20 @@ class TwoTurn(nn.Module):
         return self.graft(input_ids, state, attention_mask=attention_mask, labels=labels, prefix_ids=prefix_ids)
 
 
-def build_samples(recipe: Recipe, tokenizer, split: str, lengths: list[str], n: int) -> dict[tuple[str, str], list]:
-    """BABILong samples per (task, length): training from bAbI train, evaluation from bAbI test."""
+def build_samples(recipe: Recipe, tokenizer, split: str, lengths: list[str], n) -> dict[tuple[str, str], list]:
+    """BABILong samples per (task, length): training from bAbI train, evaluation from bAbI test.
+
+    `n`: samples per bucket, or a function of the length giving it."""
     from graftkit.data.babilong import build_babilong
 
     d = recipe.data
     buckets = {}
     for task in d.tasks:
         for length in lengths:
-            with status(f"building {n} BABILong {task} {split} samples at {length}"):
+            count = n(length) if callable(n) else n
+            with status(f"building {count} BABILong {task} {split} samples at {length}"):
                 buckets[(task, length)] = build_babilong(
-                    task, split, length, n, seed=d.seed, tokenizer=tokenizer, books=d.books, babi_dir=d.babi_dir
+                    task, split, length, count, seed=d.seed, tokenizer=tokenizer, books=d.books, babi_dir=d.babi_dir
                 )
     return buckets
 
@@ -94,7 +97,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
         graft.backbone.model.to(accelerator.device)
     graft.to(accelerator.device)
     tokenizer = graft.backbone.tokenizer
-    train_buckets = build_samples(recipe, tokenizer, "train", recipe.data.train_lengths, recipe.data.train_samples)
+    train_buckets = build_samples(recipe, tokenizer, "train", recipe.data.train_lengths, recipe.data.samples_for)
     eval_buckets = build_samples(recipe, tokenizer, "test", recipe.data.eval_lengths, recipe.data.eval_samples)
     cache = HiddenCache(graft, "auto" if cfg.cache_hidden_states else None)
     for bucket in [*train_buckets.values(), *eval_buckets.values()]:

@@ -189,6 +189,12 @@ def test_overrides_are_applied_and_typed():
     assert recipe.train.batch_size == 8 and recipe.memory.kind == "titans"
 
 
+def test_training_samples_per_length():
+    recipe = graftkit.load_recipe(BASE, ["data.train_lengths=[0k, 1k, 4k]", "data.train_samples={0k: 50, 1K: 40, 4000: 3}"])
+    assert [recipe.data.samples_for(length) for length in ("0k", "1k", "4k")] == [50, 40, 3]
+    assert graftkit.load_recipe(BASE, ["data.train_samples=7"]).data.samples_for("4k") == 7
+
+
 def test_override_does_not_touch_the_file():
     before = BASE.read_text()
     assert graftkit.load_recipe(BASE, ["train.lr=3e-4"]).train.lr == pytest.approx(3e-4)
@@ -218,6 +224,10 @@ def test_cli_validate_with_override(capsys):
         ("train.lrr=1", "train.lrr", "did you mean 'lr'?"),
         ("memory.kind=titan", "memory.kind", "did you mean 'titans'?"),
         ("memory.heads=many", "memory.heads", "valid integer"),
+        ("data.train_samples=0", "data.train_samples", "positive integer"),
+        ("data.train_samples={0k: 10, 1k: -1}", "data.train_samples", "positive integer"),
+        ("data.train_samples={0k: 10}", "data.train_samples", "train_lengths is ['0k', '1k']"),
+        ("data.train_samples={0k: 10, 1k: 5, 4k: 2}", "data.train_samples", "names the lengths ['0k', '1k', '4k']"),
     ],
 )
 def test_bad_override(override, dotted, fragment, capsys):

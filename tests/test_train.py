@@ -117,3 +117,14 @@ def test_cli_train_and_eval(tmp_path, capsys):
     assert len(predictions) == 4 * 3  # four scored rows (chance is computed) x three samples
     assert main(["eval", str(tmp_path / "nowhere")]) == 1
     assert "not a graftkit run directory" in capsys.readouterr().err
+
+
+def test_training_samples_per_length(tmp_path):
+    from graftkit.backbones.sources import byte_tokenizer
+    from graftkit.train import build_samples
+
+    raw = json.loads(json.dumps(RECIPE))
+    raw["data"]["train_samples"] = {"0k": 5, "1k": 3}
+    parsed = validate_recipe(raw)
+    buckets = build_samples(parsed, byte_tokenizer(), "train", ["0k", "1k"], parsed.data.samples_for)
+    assert {length: len(samples) for (_, length), samples in buckets.items()} == {"0k": 5, "1k": 3}

@@ -111,3 +111,50 @@ def _param_device(module: nn.Module) -> torch.device:
 
 def _param_dtype(module: nn.Module) -> torch.dtype:
     return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+
+
+KEY_SPAN_HELP = (
+    "Keys are computed from the last key_span written inputs through a learned depthwise causal "
+    "convolution that starts as the identity, so a key can carry a token a few positions back (e.g. "
+    "the subject of a short sentence next to its object). 1 = each token alone. The last key_span − 1 "
+    "inputs are kept in the state, so writing in several calls gives the same memory as one call."
+)
+
+
+class KeyMix(nn.Module):
+    """Depthwise causal convolution over written inputs (b n d) for computing keys, across write calls.
+
+    `weight` (span d): row span−1 weighs the current input (1 at init), row span−1−j the input j
+    written tokens back. Masked positions are skipped: the window runs over the written (unmasked)
+    inputs only, and `tail` (b span−1 d) carries the last written inputs from one call to the next.
+    """
+
+    def __init__(self, span: int, dim: int):
+        super().__init__()
+        self.span = span
+        weight = torch.zeros(span, dim)
+        weight[-1] = 1.0
+        self.weight = nn.Parameter(weight)
+
+    def empty_tail(self, batch_size: int, device, dtype) -> torch.Tensor:
+        return torch.zeros(batch_size, self.span - 1, self.weight.shape[1], device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, tail: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mixed inputs b n d, new tail b span−1 d); a masked position's mixed value is arbitrary."""
+        b, n, d = x.shape
+        s = self.span - 1
+        if mask is None:
+            order, count = None, torch.full((b,), n, device=x.device)
+            packed = x
+        else:  # written inputs first, in order, then the masked ones
+            order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
+            packed = x.gather(1, order[..., None].expand(b, n, d))
+            count = mask.sum(1)
+        extended = torch.cat([tail.to(x.dtype), packed], dim=1)  # b (s+n) d
+        windows = extended.unfold(1, self.span, 1)  # b n d span
+        mixed = torch.einsum("bnds,sd->bnd", windows, self.weight.to(x.dtype))
+        if order is not None:
+            mixed = torch.empty_like(mixed).scatter(1, order[..., None].expand(b, n, d), mixed)
+        index = (count[:, None] + torch.arange(s, device=x.device)[None]).clamp(max=s + n - 1)
+        new_tail = extended.gather(1, index[..., None].expand(b, s, d))
+        return mixed, new_tail

@@ -36,7 +36,7 @@ from einops import rearrange, repeat
 from pydantic import Field
 from torch import nn
 
-from graftkit.memory import Memory, MemoryConfig
+from graftkit.memory import KEY_SPAN_HELP, KeyMix, Memory, MemoryConfig
 from graftkit.state import MemoryState
 
 # Biases at init: β = σ(0) = 0.5; decay σ(−6) ≈ 0.0025 per token (about 8% of a memory survives 1k
@@ -61,6 +61,7 @@ class LinearMemory(Memory):
         decay: bool = Field(
             True, description="Learn a per-token forgetting gate (gated delta rule); False keeps everything until overwritten."
         )
+        key_span: int = Field(1, ge=1, le=16, description=KEY_SPAN_HELP)
 
     def __init__(self, config: "LinearMemory.Config"):
         super().__init__(config)
@@ -71,6 +72,7 @@ class LinearMemory(Memory):
         self.to_beta = nn.Linear(self.dim, config.heads)
         self.to_decay = nn.Linear(self.dim, config.heads) if config.decay else None
         self.to_out = nn.Linear(inner, self.dim, bias=False)
+        self.key_mix = KeyMix(config.key_span, self.dim) if config.key_span > 1 else None
         with torch.no_grad():
             for gate, bias in ((self.to_beta, BETA_BIAS), (self.to_decay, DECAY_BIAS)):
                 if gate is not None:
@@ -78,18 +80,24 @@ class LinearMemory(Memory):
                     gate.bias.fill_(bias)
 
     def _init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """`w` (b h o i): an empty matrix per row and head."""
+        """`w` (b h o i): an empty matrix per row and head; `key_tail` (b key_span−1 d) with key_span > 1."""
         cfg = self.config
-        return {"w": torch.zeros(batch_size, cfg.heads, cfg.dim_head, cfg.dim_head, device=device, dtype=dtype)}
+        state = {"w": torch.zeros(batch_size, cfg.heads, cfg.dim_head, cfg.dim_head, device=device, dtype=dtype)}
+        if self.key_mix is not None:
+            state["key_tail"] = self.key_mix.empty_tail(batch_size, device, dtype)
+        return state
 
     def _write(self, x: torch.Tensor, state: MemoryState, mask: torch.Tensor | None) -> MemoryState:
         cfg = self.config
         size, heads = cfg.chunk_size, cfg.heads
         chunks = max(1, math.ceil(x.shape[1] / size))
         pad = chunks * size - x.shape[1]
-        x = F.pad(x, (0, 0, 0, pad))
+        key_x, carried = x, {}
+        if self.key_mix is not None:
+            key_x, carried["key_tail"] = self.key_mix(x, state["key_tail"], mask)
+        x, key_x = F.pad(x, (0, 0, 0, pad)), F.pad(key_x, (0, 0, 0, pad))
 
-        keys = F.normalize(rearrange(self.to_keys(x), "b n (h e) -> b n h e", h=heads), dim=-1)
+        keys = F.normalize(rearrange(self.to_keys(key_x), "b n (h e) -> b n h e", h=heads), dim=-1)
         keys = rearrange(keys, "b (k c) h e -> k (b h) c e", c=size).contiguous()
         values = rearrange(self.to_values(x), "b (k c) (h e) -> k (b h) c e", c=size, h=heads).contiguous()
         keep = torch.ones(x.shape[:2], dtype=x.dtype, device=x.device)
@@ -129,7 +137,7 @@ class LinearMemory(Memory):
         ):
             u = chunk_values - torch.matmul(chunk_keys, w.mT)  # B c o
             w = torch.addcmul(torch.matmul(u.mT, chunk_end_keys), chunk_last, w)
-        return state.replace(w=rearrange(w, "(b h) o i -> b h o i", h=heads))
+        return state.replace(w=rearrange(w, "(b h) o i -> b h o i", h=heads), **carried)
 
     def _read(self, q: torch.Tensor, state: MemoryState) -> torch.Tensor:
         heads = self.config.heads

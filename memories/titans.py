@@ -45,7 +45,7 @@ from pydantic import Field
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from graftkit.memory import Memory, MemoryConfig
+from graftkit.memory import KEY_SPAN_HELP, KeyMix, Memory, MemoryConfig
 from graftkit.state import MemoryState
 
 # Gate biases at init: θ = max_lr·σ(0) = max_lr / 2, η = σ(0) = 0.5, α = σ(−4) ≈ 0.018 per chunk
@@ -109,6 +109,7 @@ class TitansMemory(Memory):
             "most 1 (Gershgorin bound): a chunk of near-identical keys cannot overshoot. False = the "
             "paper's plain update.",
         )
+        key_span: int = Field(1, ge=1, le=16, description=KEY_SPAN_HELP)
         truncate_chunks: bool = Field(
             False,
             description="Take each chunk's inner gradients at weights detached from earlier chunks: the "
@@ -125,6 +126,7 @@ class TitansMemory(Memory):
         self.to_gates = nn.Linear(self.dim, 3 * config.heads)  # θ (learning rate), η (momentum), α (decay)
         self.to_out = nn.Linear(inner, self.dim, bias=False)
         self.mlp = MemoryMLP(config.heads, config.dim_head, config.depth, config.expansion)
+        self.key_mix = KeyMix(config.key_span, self.dim) if config.key_span > 1 else None
         with torch.no_grad():
             self.to_gates.weight.mul_(0.1)
             biases = torch.tensor([LR_BIAS, MOMENTUM_BIAS, DECAY_BIAS])
@@ -139,11 +141,16 @@ class TitansMemory(Memory):
             w = repeat(weight, "h i o -> b h i o", b=batch_size).to(device=device, dtype=dtype)
             state[f"w{index}"] = w
             state[f"s{index}"] = torch.zeros_like(w)
+        if self.key_mix is not None:  # the last written inputs, for keys that span several tokens
+            state["key_tail"] = self.key_mix.empty_tail(batch_size, device, dtype)
         return state
 
     # -- write -----------------------------------------------------------------------------------
     def _write(self, x: torch.Tensor, state: MemoryState, mask: torch.Tensor | None) -> MemoryState:
-        keys, values, theta, eta, kept, written = self._chunk_inputs(x, mask)
+        key_x, carried = None, {}
+        if self.key_mix is not None:
+            key_x, carried["key_tail"] = self.key_mix(x, state["key_tail"], mask)
+        keys, values, theta, eta, kept, written = self._chunk_inputs(x, mask, key_x)
         batch = dict(b=x.shape[0], h=self.config.heads)
         weights = [rearrange(state[f"w{l}"], "b h i o -> (b h) i o") for l in range(self.layers)]
         moments = [rearrange(state[f"s{l}"], "b h i o -> (b h) i o") for l in range(self.layers)]
@@ -162,10 +169,11 @@ class TitansMemory(Memory):
                 weights = [torch.addcmul(chunk_written * s, chunk_kept, w) for w, s in zip(weights, moments)]
         new = {f"w{l}": rearrange(w, "(b h) i o -> b h i o", **batch) for l, w in enumerate(weights)}
         new.update({f"s{l}": rearrange(s, "(b h) i o -> b h i o", **batch) for l, s in enumerate(moments)})
-        return state.replace(**new)
+        return state.replace(**new, **carried)
 
-    def _chunk_inputs(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    def _chunk_inputs(self, x: torch.Tensor, mask: torch.Tensor | None, key_x: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """Everything the chunk loop needs, for all chunks at once (the last chunk padded and masked).
+        Keys come from `key_x` when given (inputs mixed over `key_span` tokens), else from `x`.
 
         Returns unit keys and values (k B c e), learning rates θ (k B c; 0 where masked, capped), the
         chunk gates η and 1 − α (k B 1 1; 1 for a chunk without tokens) and `written` (k B 1 1: the
@@ -182,6 +190,8 @@ class TitansMemory(Memory):
         keys, values, gates = F.linear(F.pad(x, (0, 0, 0, pad)), fused, bias).split(
             [heads * cfg.dim_head, heads * cfg.dim_head, 3 * heads], dim=-1
         )
+        if key_x is not None:
+            keys = F.linear(F.pad(key_x, (0, 0, 0, pad)), self.to_keys.weight)
         # normalise in the projection's layout, then lay chunks out contiguously for the batched matmuls
         keys, values = (
             F.normalize(rearrange(t, "b n (h e) -> b n h e", h=heads), dim=-1) for t in (keys, values)

@@ -331,3 +331,79 @@ def test_titans_step_cap_keeps_correlated_writes_finite():
 def test_memories_are_registered_under_their_names():
     assert [memory_class(n).name for n in ALL_MEMORIES] == ALL_MEMORIES
     assert memory_class("titans") is TitansMemory and memory_class("linear") is LinearMemory
+
+
+# -- keys over several tokens (key_span) ----------------------------------------------------------------
+SPANNING = ["titans", "linear"]
+
+
+def spanning_memory(name: str, span: int = 3):
+    memory = make_memory(name, DIM, key_span=span)
+    with torch.no_grad():
+        memory.key_mix.weight.normal_()  # not the identity it starts as
+    return memory
+
+
+@pytest.mark.parametrize("name", SPANNING)
+def test_key_span_starts_as_the_single_token_memory(name):
+    plain, spanning = make_memory(name, DIM), make_memory(name, DIM, key_span=4)
+    spanning.load_state_dict(plain.state_dict(), strict=False)
+    x = torch.randn(2, 13, DIM)
+    with torch.no_grad():
+        a, b = plain.write(x, plain.init_state(2)), spanning.write(x, spanning.init_state(2))
+    for key in a.tensors:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+
+
+@pytest.mark.parametrize("name", SPANNING)
+def test_keys_see_earlier_tokens(name):
+    memory = spanning_memory(name)
+    x = torch.randn(1, 9, DIM)
+    changed = x.clone()
+    changed[:, 3] += 1.0  # with span 3, the keys of tokens 3, 4 and 5 see token 3
+    with torch.no_grad():
+        mixed, _ = memory.key_mix(x, memory.key_mix.empty_tail(1, "cpu", x.dtype), None)
+        mixed_changed, _ = memory.key_mix(changed, memory.key_mix.empty_tail(1, "cpu", x.dtype), None)
+    moved = (mixed - mixed_changed).abs().amax(-1)[0] > 0
+    assert moved.tolist() == [False, False, False, True, True, True, False, False, False]
+
+
+@pytest.mark.parametrize("name", SPANNING)
+@pytest.mark.parametrize("split", [8, 16])  # chunk boundaries: the tail carries the window across calls
+def test_key_span_split_write_equals_one_write(name, split):
+    memory = spanning_memory(name)
+    x = torch.randn(2, 21, DIM)
+    with torch.no_grad():
+        whole = memory.write(x, memory.init_state(2))
+        parts = memory.write(x[:, split:], memory.write(x[:, :split], memory.init_state(2)))
+    assert_states_equal(whole, parts, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("split", [1, 2, 11])
+def test_key_span_linear_split_anywhere(split):
+    memory = spanning_memory("linear")
+    x = torch.randn(2, 21, DIM)
+    with torch.no_grad():
+        whole = memory.write(x, memory.init_state(2))
+        parts = memory.write(x[:, split:], memory.write(x[:, :split], memory.init_state(2)))
+    assert_states_equal(whole, parts, rtol=1e-4, atol=1e-5)
+
+
+def test_key_span_skips_masked_positions():
+    memory = spanning_memory("linear")
+    x = torch.randn(2, 21, DIM)
+    mask = torch.rand(2, 21) > 0.4
+    with torch.no_grad():
+        masked = memory.write(x, memory.init_state(2), mask)
+        for row in range(2):
+            alone = memory.write(x[row : row + 1, mask[row]], memory.init_state(1))
+            for key in alone.tensors:
+                assert torch.allclose(masked[key][row], alone[key][0], rtol=1e-4, atol=1e-5), key
+
+
+@pytest.mark.parametrize("name", SPANNING)
+def test_key_span_weights_get_gradients(name):
+    memory = spanning_memory(name)
+    state = memory.write(torch.randn(2, 13, DIM), memory.init_state(2))
+    memory.read(torch.randn(2, 3, DIM), state).square().sum().backward()
+    assert memory.key_mix.weight.grad is not None and memory.key_mix.weight.grad.abs().sum() > 0

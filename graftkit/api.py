@@ -54,8 +54,11 @@ def load_backbone(spec: Mapping[str, Any]):
     return create("backbone", spec.pop("kind"), **spec)
 
 
-def build_graft(recipe, backbone=None):
-    """A Graft built from a recipe (a Recipe or a path to one); pass `backbone` to reuse a loaded one."""
+def build_graft(recipe, backbone=None, calibrate: bool = True):
+    """A Graft built from a recipe (a Recipe or a path to one); pass `backbone` to reuse a loaded one.
+
+    `calibrate=False` skips measuring the write statistics, for a caller that loads trained graft
+    tensors next (they carry the statistics)."""
     from graftkit.recipe import Recipe, load_recipe
 
     if isinstance(recipe, (str, Path)):
@@ -64,10 +67,12 @@ def build_graft(recipe, backbone=None):
         raise GraftkitError(f"build_graft: expected a Recipe or a recipe file path, got {type(recipe).__name__}")
     if backbone is None:
         backbone = load_backbone({"kind": recipe.backbone.kind, **recipe.backbone.options()})
-    return graft_from_configs(backbone, recipe.memory.kind, recipe.memory.options(), recipe.injector.kind, recipe.injector.options())
+    return graft_from_configs(backbone, recipe.memory.kind, recipe.memory.options(), recipe.injector.kind,
+                              recipe.injector.options(), calibrate=calibrate)
 
 
-def graft_from_configs(backbone, memory_kind: str, memory_options: Mapping, injector_kind: str, injector_options: Mapping):
+def graft_from_configs(backbone, memory_kind: str, memory_options: Mapping, injector_kind: str, injector_options: Mapping,
+                       calibrate: bool = True):
     """A Graft on a loaded backbone from memory/injector kinds and options (dim is the backbone's)."""
     from graftkit.graft import Graft
 
@@ -79,4 +84,4 @@ def graft_from_configs(backbone, memory_kind: str, memory_options: Mapping, inje
     injector = create(
         "injector", injector_kind, hidden_size=backbone.hidden_size, num_layers=backbone.num_layers, **dict(injector_options)
     )
-    return Graft(backbone, memory, injector)
+    return Graft(backbone, memory, injector, calibrate=calibrate)

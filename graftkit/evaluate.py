@@ -156,7 +156,7 @@ def evaluate_run(run_dir, tasks=None, lengths=None, n: int = 200, checkpoint: st
     recipe = load_recipe(run_dir / "recipe.yaml")
     tasks, lengths, rows = tasks or recipe.data.tasks, lengths or recipe.data.eval_lengths, rows or ROWS
     check_request(tasks, lengths, rows)
-    graft = build_graft(recipe)
+    graft = build_graft(recipe, calibrate=False)  # the checkpoint holds the write statistics
     info = load_graft_tensors(graft, resolve_checkpoint(run_dir, checkpoint))
     result = evaluate(graft, recipe, tasks, lengths, n, rows, corrected, progress)
     result["checkpoint"] = {"which": checkpoint, "step": info.get("step")}

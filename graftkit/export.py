@@ -128,7 +128,7 @@ def export_run(run_dir, out, checkpoint: str | int = "best", backbone=None) -> P
     check_target(out)
     recipe = load_recipe(run_dir / "recipe.yaml")
     path = resolve_checkpoint(run_dir, str(checkpoint))
-    graft = build_graft(recipe, backbone=backbone)
+    graft = build_graft(recipe, backbone=backbone, calibrate=False)  # the checkpoint holds the statistics
     try:
         info = load_graft_tensors(graft, path)
         results = run_dir / "eval" / "results.md"
@@ -367,7 +367,8 @@ def load_graft(directory, backbone=None):
     check_backbone(config["backbone_manifest"], backbone, directory)
     memory_options = {k: v for k, v in options["memory"].items() if k != "dim"}
     try:
-        graft = graft_from_configs(backbone, config["memory"]["kind"], memory_options, config["injector"]["kind"], options["injector"])
+        graft = graft_from_configs(backbone, config["memory"]["kind"], memory_options, config["injector"]["kind"], options["injector"],
+                                   calibrate=False)  # the tensor file holds the statistics
     except GraftkitError as exc:
         raise ExportError(f"{path}: the recorded memory or injector configuration does not build here: {exc}") from None
     try:

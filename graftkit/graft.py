@@ -31,7 +31,9 @@ class Graft(nn.Module):
     `trainable_parameters()` hold graft tensors only.
     """
 
-    def __init__(self, backbone, memory: Memory, injector: Injector):
+    def __init__(self, backbone, memory: Memory, injector: Injector, calibrate: bool = True):
+        """`calibrate=False` leaves the write statistics unmeasured (the identity): for callers that load
+        trained graft tensors next, which carry them."""
         super().__init__()
         if memory.dim != backbone.hidden_size:
             raise GraftkitError(f"memory.dim: {memory.dim} does not match the backbone's hidden size {backbone.hidden_size}")
@@ -40,7 +42,7 @@ class Graft(nn.Module):
         self.injector = injector
         self._prefix_kv: dict[tuple[int, ...], list] = {}  # shared-prefix keys/values, computed once
         self.write_norm = WriteNorm(backbone.hidden_size) if memory.config.standardize else None
-        if self.write_norm is not None:
+        if self.write_norm is not None and calibrate:
             self.calibrate()  # before the injector attaches: the bare backbone's statistics
         injector.attach(backbone)
         self.to(backbone.device)

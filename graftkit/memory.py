@@ -155,6 +155,6 @@ class KeyMix(nn.Module):
         mixed = torch.einsum("bnds,sd->bnd", windows, self.weight.to(x.dtype))
         if order is not None:
             mixed = torch.empty_like(mixed).scatter(1, order[..., None].expand(b, n, d), mixed)
-        index = (count[:, None] + torch.arange(s, device=x.device)[None]).clamp(max=s + n - 1)
+        index = count[:, None] + torch.arange(s, device=x.device)[None]  # the last s of tail + written
         new_tail = extended.gather(1, index[..., None].expand(b, s, d))
         return mixed, new_tail

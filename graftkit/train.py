@@ -92,7 +92,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
     with status(f"loading backbone {recipe.backbone.kind}:{recipe.backbone.options().get('source')}"):
         backbone = load_backbone({"kind": recipe.backbone.kind, **recipe.backbone.options()})
     torch.manual_seed(cfg.seed)  # after loading: building a tiny-random backbone draws numbers too
-    graft = build_graft(recipe, backbone=backbone)
+    graft = build_graft(recipe, backbone=backbone, calibrate=not resume)  # a resumed run loads its statistics
     if recipe.backbone.options().get("quantize") is None:  # quantized weights are placed at load time
         graft.backbone.model.to(accelerator.device)
     graft.to(accelerator.device)

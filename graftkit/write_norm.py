@@ -1,11 +1,11 @@
 """Per-channel standardisation of the hidden states a graft writes into its memory.
 
 A frozen LLM's hidden states share a large common direction: on SmolLM2-135M at layer 8 the mean
-vector carries about 70% of a token's norm (a few "massive activation" channels), so two unrelated
-tokens have cosine ≈ 0.5. Keys projected from such states overlap just as much, and an associative
-memory cannot keep them apart: writes interfere and Titans' step cap shrinks every update. Subtracting
-the per-channel mean and dividing by the per-channel standard deviation brings the mean cosine to
-≈ 0.01 (|cos| ≈ 0.05) before the memory's own projections.
+vector's norm is about 70% of a token's (a few "massive activation" channels), and two tokens have a
+mean |cosine| of about 0.5. Keys projected from such states overlap as much, and an associative memory
+cannot keep them apart: writes interfere and Titans' step cap shrinks every update. Subtracting the
+per-channel mean and dividing by the per-channel standard deviation brings the mean |cosine| to about
+0.14 before the memory's own projections (`bench/write_stats.py` measures both).
 
 The statistics belong to the backbone and the write layer, not to the data of a run: a graft measures
 them once when it is built, on a fixed passage of the vendored training book, and they travel with

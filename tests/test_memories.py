@@ -99,25 +99,24 @@ def test_final_partial_chunk_is_written(name):
 
 
 # -- chunking --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ALL_MEMORIES)
-@pytest.mark.parametrize("split", [8, 16])  # chunk boundaries (chunk_size 8)
-def test_split_write_at_chunk_boundary_equals_one_write(name, split):
-    memory = make_memory(name, DIM)
+def assert_split_write_equals_one_write(memory, split: int) -> None:
+    """Writing 21 tokens in two calls (the first `split` tokens, then the rest) gives the one-call state."""
     x = torch.randn(2, 21, DIM)
     with torch.no_grad():
         whole = memory.write(x, memory.init_state(2))
         parts = memory.write(x[:, split:], memory.write(x[:, :split], memory.init_state(2)))
     assert_states_equal(whole, parts, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ALL_MEMORIES)
+@pytest.mark.parametrize("split", [8, 16])  # chunk boundaries (chunk_size 8)
+def test_split_write_at_chunk_boundary_equals_one_write(name, split):
+    assert_split_write_equals_one_write(make_memory(name, DIM), split)
 
 
 @pytest.mark.parametrize("split", [1, 3, 11])
 def test_linear_memory_split_anywhere_equals_one_write(split):
-    memory = make_memory("linear", DIM)
-    x = torch.randn(2, 21, DIM)
-    with torch.no_grad():
-        whole = memory.write(x, memory.init_state(2))
-        parts = memory.write(x[:, split:], memory.write(x[:, :split], memory.init_state(2)))
-    assert_states_equal(whole, parts, rtol=1e-4, atol=1e-5)
+    assert_split_write_equals_one_write(make_memory("linear", DIM), split)
 
 
 # -- masks -----------------------------------------------------------------------------------------
@@ -371,22 +370,12 @@ def test_keys_see_earlier_tokens(name):
 @pytest.mark.parametrize("name", SPANNING)
 @pytest.mark.parametrize("split", [8, 16])  # chunk boundaries: the tail carries the window across calls
 def test_key_span_split_write_equals_one_write(name, split):
-    memory = spanning_memory(name)
-    x = torch.randn(2, 21, DIM)
-    with torch.no_grad():
-        whole = memory.write(x, memory.init_state(2))
-        parts = memory.write(x[:, split:], memory.write(x[:, :split], memory.init_state(2)))
-    assert_states_equal(whole, parts, rtol=1e-4, atol=1e-5)
+    assert_split_write_equals_one_write(spanning_memory(name), split)
 
 
 @pytest.mark.parametrize("split", [1, 2, 11])
 def test_key_span_linear_split_anywhere(split):
-    memory = spanning_memory("linear")
-    x = torch.randn(2, 21, DIM)
-    with torch.no_grad():
-        whole = memory.write(x, memory.init_state(2))
-        parts = memory.write(x[:, split:], memory.write(x[:, :split], memory.init_state(2)))
-    assert_states_equal(whole, parts, rtol=1e-4, atol=1e-5)
+    assert_split_write_equals_one_write(spanning_memory("linear"), split)
 
 
 def test_key_span_skips_masked_positions():

@@ -11,12 +11,23 @@ from graftkit.graft import Graft
 from graftkit.write_norm import CALIBRATION_TOKENS, WriteNorm, calibration_text
 
 
-def make_graft(backbone, **memory_options) -> Graft:
-    torch.manual_seed(0)
-    memory = make_memory("linear", backbone.hidden_size, write_layer=1, **memory_options)
-    injector = graftkit.create("injector", "layer0_soft_prompt", hidden_size=backbone.hidden_size,
-                               num_layers=backbone.num_layers, num_tokens=4)
-    return Graft(backbone, memory, injector)
+@pytest.fixture
+def make_graft(tiny_backbone):
+    """make_graft(family="llama", calibrate=True, **memory_options) -> a graft; detached after the test."""
+    built = []
+
+    def make(family: str = "llama", calibrate: bool = True, **memory_options) -> Graft:
+        backbone = tiny_backbone(family)
+        torch.manual_seed(0)
+        memory = make_memory("linear", backbone.hidden_size, write_layer=1, **memory_options)
+        injector = graftkit.create("injector", "layer0_soft_prompt", hidden_size=backbone.hidden_size,
+                                   num_layers=backbone.num_layers, num_tokens=4)
+        built.append(Graft(backbone, memory, injector, calibrate=calibrate))
+        return built[-1]
+
+    yield make
+    for graft in built:
+        graft.injector.detach()
 
 
 def test_write_norm_is_the_identity_until_calibrated_then_standardises():
@@ -39,68 +50,56 @@ def test_a_constant_channel_is_not_blown_up():
     assert norm(data)[:, 2].abs().max() == 0
 
 
-def test_graft_calibrates_on_the_bare_backbone_at_the_write_layer(tiny_backbone):
-    backbone = tiny_backbone("llama")
-    graft = make_graft(backbone)
-    try:
-        ids = backbone.text_ids(calibration_text())[:CALIBRATION_TOKENS]
-        assert len(ids) == CALIBRATION_TOKENS
-        hidden = backbone.hidden_states(torch.tensor([ids]), 1)[0].float()
-        assert torch.allclose(graft.write_norm.mean, hidden.mean(0), atol=1e-5)
-        assert torch.allclose(graft.write_norm.inv_std, 1 / hidden.std(0), rtol=1e-4)
-        # the calibration passage comes out standardised
-        standardised = graft.write_norm(hidden)
-        assert torch.allclose(standardised.mean(0), torch.zeros(backbone.hidden_size), atol=1e-4)
-    finally:
-        graft.injector.detach()
+def test_graft_calibrates_on_the_bare_backbone_at_the_write_layer(make_graft):
+    graft = make_graft()
+    backbone = graft.backbone
+    ids = backbone.text_ids(calibration_text())[:CALIBRATION_TOKENS]
+    assert len(ids) == CALIBRATION_TOKENS
+    hidden = backbone.hidden_states(torch.tensor([ids]), 1)[0].float()
+    assert torch.allclose(graft.write_norm.mean, hidden.mean(0), atol=1e-5)
+    assert torch.allclose(graft.write_norm.inv_std, 1 / hidden.std(0), rtol=1e-4)
+    # the calibration passage comes out standardised
+    standardised = graft.write_norm(hidden)
+    assert torch.allclose(standardised.mean(0), torch.zeros(backbone.hidden_size), atol=1e-4)
 
 
-def test_the_memory_is_written_with_standardised_states(tiny_backbone):
-    backbone = tiny_backbone("llama")
-    graft = make_graft(backbone)
-    try:
-        hidden = torch.randn(2, 9, backbone.hidden_size) * 5 + 3
-        written = graft.write_hidden(hidden)
-        expected = graft.memory.write(graft.write_norm(hidden), graft.init_state(2))
-        assert torch.equal(written["w"], expected["w"])
-        assert not torch.allclose(written["w"], graft.memory.write(hidden, graft.init_state(2))["w"])
-    finally:
-        graft.injector.detach()
+def test_without_calibration_the_statistics_wait_for_loaded_tensors(make_graft):
+    trained, loading = make_graft(), make_graft(calibrate=False)
+    assert torch.equal(loading.write_norm.mean, torch.zeros_like(loading.write_norm.mean))
+    loading.load_state_dict(trained.graft_state_dict())
+    assert torch.equal(loading.write_norm.inv_std, trained.write_norm.inv_std)
 
 
-def test_standardize_off_writes_the_raw_states(tiny_backbone):
-    backbone = tiny_backbone("llama")
-    graft = make_graft(backbone, standardize=False)
-    try:
-        assert graft.write_norm is None
-        assert not any(name.startswith("write_norm") for name in graft.state_dict())
-        hidden = torch.randn(2, 9, backbone.hidden_size)
-        assert torch.equal(graft.write_hidden(hidden)["w"], graft.memory.write(hidden, graft.init_state(2))["w"])
-    finally:
-        graft.injector.detach()
+def test_the_memory_is_written_with_standardised_states(make_graft):
+    graft = make_graft()
+    hidden = torch.randn(2, 9, graft.backbone.hidden_size) * 5 + 3
+    written = graft.write_hidden(hidden)
+    expected = graft.memory.write(graft.write_norm(hidden), graft.init_state(2))
+    assert torch.equal(written["w"], expected["w"])
+    assert not torch.allclose(written["w"], graft.memory.write(hidden, graft.init_state(2))["w"])
 
 
-def test_statistics_are_graft_tensors_that_checkpoints_restore(tiny_backbone):
-    backbone = tiny_backbone("llama")
-    graft = make_graft(backbone)
-    try:
-        names = {name for name in graft.graft_state_dict() if name.startswith("write_norm")}
-        assert names == {"write_norm.mean", "write_norm.inv_std"}
-        assert not any(p is graft.write_norm.mean for p in graft.trainable_parameters())
-        saved = graft.graft_state_dict()
-        graft.write_norm.mean.zero_()
-        graft.load_state_dict(saved)
-        assert torch.equal(graft.write_norm.mean, saved["write_norm.mean"])
-    finally:
-        graft.injector.detach()
+def test_standardize_off_writes_the_raw_states(make_graft):
+    graft = make_graft(standardize=False)
+    assert graft.write_norm is None
+    assert not any(name.startswith("write_norm") for name in graft.state_dict())
+    hidden = torch.randn(2, 9, graft.backbone.hidden_size)
+    assert torch.equal(graft.write_hidden(hidden)["w"], graft.memory.write(hidden, graft.init_state(2))["w"])
+
+
+def test_statistics_are_graft_tensors_that_checkpoints_restore(make_graft):
+    graft = make_graft()
+    names = {name for name in graft.graft_state_dict() if name.startswith("write_norm")}
+    assert names == {"write_norm.mean", "write_norm.inv_std"}
+    assert not any(p is graft.write_norm.mean for p in graft.trainable_parameters())
+    saved = graft.graft_state_dict()
+    graft.write_norm.mean.zero_()
+    graft.load_state_dict(saved)
+    assert torch.equal(graft.write_norm.mean, saved["write_norm.mean"])
 
 
 @pytest.mark.parametrize("family", ["qwen2", "mistral"])
-def test_every_family_calibrates(tiny_backbone, family):
-    backbone = tiny_backbone(family)
-    graft = make_graft(backbone)
-    try:
-        assert torch.isfinite(graft.write_norm.inv_std).all()
-        assert graft.write_norm.mean.abs().sum() > 0
-    finally:
-        graft.injector.detach()
+def test_every_family_calibrates(make_graft, family):
+    graft = make_graft(family)
+    assert torch.isfinite(graft.write_norm.inv_std).all()
+    assert graft.write_norm.mean.abs().sum() > 0

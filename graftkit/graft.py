@@ -44,6 +44,8 @@ class Graft(nn.Module):
         self.write_norm = WriteNorm(backbone.hidden_size) if memory.config.standardize else None
         if self.write_norm is not None and calibrate:
             self.calibrate()  # before the injector attaches: the bare backbone's statistics
+        # a plain callable, not a submodule: the statistics stay graft tensors under `write_norm` only
+        injector.query_norm = None if self.write_norm is None else self.write_norm.forward
         injector.attach(backbone)
         self.to(backbone.device)
 

@@ -10,7 +10,7 @@ Legend: b batch, n tokens, k memory tokens, d hidden size.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -43,6 +43,13 @@ class Injector(nn.Module):
         self.num_layers = num_layers
         self._handles: list[RemovableHandle] = []
         self.context: Any = None  # what `prepare` returned for the current forward pass
+        # Set by the graft: standardises hidden states (b n d) the way written ones are (the graft's
+        # WriteNorm), for injectors that query the memory with backbone hidden states; None = as they are.
+        self.query_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def normalize_query(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`hidden` (b n d) as the memory saw written states: through `query_norm` when the graft set one."""
+        return hidden if self.query_norm is None else self.query_norm(hidden)
 
     # -- hooks -------------------------------------------------------------------------------------
     def attach(self, backbone) -> None:

@@ -5,7 +5,10 @@ tokens) to that layer's output, i.e. to the residual stream the next layer reads
 read once per forward pass by `num_tokens` learned queries; the hook sees every position, including
 each new token of cached generation. The gate starts closed (`gate_init` 0.0), so a fresh graft is the
 bare backbone; rows with an empty memory are never changed. With `direct_read`, each position also
-reads the memory itself (query: a projection of its hidden state) as one more key/value.
+reads the memory itself as one more key/value: the query is a projection of its hidden state,
+standardised like written states (the graft's `query_norm`), so a question token asks the memory in
+the space its keys were written from; with `layer` = the memory's write_layer − 1 it is the very same
+space (decoder layer i outputs hidden state i + 1).
 
 Legend: b batch, n tokens, k memory tokens, d hidden size.
 """
@@ -71,6 +74,6 @@ class MidLayer(MemoryTokenInjector):
         extra = None
         if self.to_query is not None:
             recall = self.context
-            query = self.to_query(hidden.float()).to(state_dtype(recall.state))
+            query = self.to_query(self.normalize_query(hidden.float())).to(state_dtype(recall.state))
             extra = recall.memory.read(query, recall.state).float()
         return replace_output(output, self.block(hidden, self.context, extra))

@@ -13,15 +13,17 @@ from graftkit.write_norm import CALIBRATION_TOKENS, WriteNorm, calibration_text
 
 @pytest.fixture
 def make_graft(tiny_backbone):
-    """make_graft(family="llama", calibrate=True, **memory_options) -> a graft; detached after the test."""
+    """make_graft(family="llama", calibrate=True, injector=("layer0_soft_prompt", {}), **memory_options)
+    -> a graft writing hidden state 1; detached after the test."""
     built = []
 
-    def make(family: str = "llama", calibrate: bool = True, **memory_options) -> Graft:
+    def make(family: str = "llama", calibrate: bool = True, injector=("layer0_soft_prompt", {}), **memory_options) -> Graft:
         backbone = tiny_backbone(family)
         torch.manual_seed(0)
         memory = make_memory("linear", backbone.hidden_size, write_layer=1, **memory_options)
-        injector = graftkit.create("injector", "layer0_soft_prompt", hidden_size=backbone.hidden_size,
-                                   num_layers=backbone.num_layers, num_tokens=4)
+        kind, options = injector
+        injector = graftkit.create("injector", kind, hidden_size=backbone.hidden_size,
+                                   num_layers=backbone.num_layers, num_tokens=4, **options)
         built.append(Graft(backbone, memory, injector, calibrate=calibrate))
         return built[-1]
 
@@ -77,6 +79,25 @@ def test_the_memory_is_written_with_standardised_states(make_graft):
     expected = graft.memory.write(graft.write_norm(hidden), graft.init_state(2))
     assert torch.equal(written["w"], expected["w"])
     assert not torch.allclose(written["w"], graft.memory.write(hidden, graft.init_state(2))["w"])
+
+
+@pytest.mark.parametrize("standardize", [True, False])
+def test_direct_reads_at_the_write_layer_query_like_written_states(make_graft, standardize):
+    """mid_layer on decoder layer 0 sees hidden state 1, the written one: its direct-read queries are
+    standardised like the writes (raw with standardize off), and the statistics stay graft tensors only."""
+    graft = make_graft(injector=("mid_layer", {"layer": 0, "direct_read": True}), standardize=standardize)
+    ids = torch.tensor([[5, 9, 2, 7, 3]])
+    state = graft.memorize(input_ids=torch.tensor([[4, 8, 1, 6]]))
+    queries = []
+    read = graft.memory.read
+    graft.memory.read = lambda q, s: queries.append(q) or read(q, s)
+    graft(ids, state)
+    hidden = graft.backbone.hidden_states(ids, 1).float()
+    seen = graft.write_norm(hidden) if standardize else hidden
+    direct = [q for q in queries if q.shape[1] == ids.shape[1]]
+    assert len(direct) == 1
+    assert torch.allclose(direct[0], graft.injector.to_query(seen), atol=1e-5)
+    assert not any(name.startswith("injector.query_norm") for name in graft.state_dict())
 
 
 def test_standardize_off_writes_the_raw_states(make_graft):

@@ -3,7 +3,9 @@
 Every step: a batch from one (task, length) bucket; turn-1 hidden states (cached on disk) are written
 into a fresh memory state with gradients flowing into the memory's meta-parameters; turn 2 (the
 question alone) is scored on the answer tokens. Only graft parameters are optimised (AdamW, warm-up +
-cosine, clipping). accelerate places the work (CPU, one or several GPUs, bf16 where supported).
+cosine, clipping). A step whose loss or gradient norm is not finite is skipped (its update dropped,
+counted in the metrics); MAX_NONFINITE_STEPS of them in a row stop the run with an error. accelerate
+places the work (CPU, one or several GPUs, bf16 where supported).
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from graftkit.errors import GraftkitError
 from graftkit.progress import bar, status
 from graftkit.protocol import HiddenCache, turn2_batch
 from graftkit.recipe import Recipe
+
+# updates in a row dropped for a non-finite loss or gradient before a run is declared diverged
+MAX_NONFINITE_STEPS = 10
 
 
 @dataclass
@@ -118,6 +123,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
     keys = sorted(train_buckets)
     rank = accelerator.process_index
     t0, window = time.perf_counter(), []
+    skipped, bad_run = 0, 0  # updates dropped for a non-finite loss or gradient: in all, in a row
     pbar = bar(range(start, cfg.steps), initial=start, total=cfg.steps, desc="training", disable=not (progress and accelerator.is_main_process))
     model.train()
     for step in pbar:
@@ -133,8 +139,19 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
             accelerator.backward(out.loss / cfg.grad_accum)
             step_loss += out.loss.item() / cfg.grad_accum
             step_acc.append(answer_accuracy(out.logits.detach(), batch["labels"]))
-        accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
+        norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+        finite = math.isfinite(step_loss) and (norm is None or bool(torch.isfinite(torch.as_tensor(norm))))
+        if finite or accelerator.scaler is not None:  # fp16's loss scaler skips such steps itself
+            optimizer.step()
+            bad_run = 0
+        else:  # one overflowing batch would turn every weight into NaN: drop its update instead
+            skipped, bad_run = skipped + 1, bad_run + 1
+            pbar.write(f"step {step + 1}: non-finite loss or gradients, update skipped ({skipped} so far)")
+            if bad_run >= MAX_NONFINITE_STEPS:
+                raise GraftkitError(
+                    f"training diverged: {bad_run} steps in a row up to step {step + 1} had a non-finite loss or "
+                    f"gradients (train.lr is {cfg.lr:g}; try a lower one). The last checkpoint is in {ckpt_root}."
+                )
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
@@ -142,7 +159,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
         pbar.set_postfix(loss=f"{step_loss:.3f}", acc=f"{np.mean(window):.1%}")
         if done % cfg.log_every == 0 or done == cfg.steps:
             metrics.write(step=done, loss=step_loss, answer_acc=float(np.mean(window)), lr=scheduler.get_last_lr()[0],
-                          elapsed=time.perf_counter() - t0)
+                          skipped_steps=skipped, elapsed=time.perf_counter() - t0)
         if done % cfg.eval_every == 0 or done == cfg.steps:
             model.eval()
             scores = evaluate_buckets(graft, eval_buckets, cache, cfg.batch_size)

@@ -128,3 +128,42 @@ def test_training_samples_per_length(tmp_path):
     parsed = validate_recipe(raw)
     buckets = build_samples(parsed, byte_tokenizer(), "train", ["0k", "1k"], parsed.data.samples_for)
     assert {length: len(samples) for (_, length), samples in buckets.items()} == {"0k": 5, "1k": 3}
+
+
+def poison_losses(monkeypatch, bad_calls):
+    """Make the training forward's loss NaN on the given calls (1-based), as an overflowing batch would."""
+    import graftkit.train as module
+
+    real, calls = module.TwoTurn.forward, {"n": 0}
+
+    def forward(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] in bad_calls:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(module.TwoTurn, "forward", forward)
+
+
+def test_a_non_finite_step_is_skipped_not_applied(tmp_path, monkeypatch):
+    one_step = train(recipe(tmp_path, "one_step", steps=1, eval_every=1), progress=False).run_dir
+    poison_losses(monkeypatch, bad_calls={2})  # training forwards only: evaluation does not call TwoTurn
+    run = train(recipe(tmp_path, "poisoned", steps=2, eval_every=2), progress=False).run_dir
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "loss" in line]
+    assert [r["skipped_steps"] for r in lines] == [0, 1]
+    # step 2 was dropped: the run holds exactly the weights a clean one-step run ends with
+    poisoned = load_file(str(run / "checkpoints" / "step-000002" / "graft.safetensors"))
+    after_one = load_file(str(one_step / "checkpoints" / "step-000001" / "graft.safetensors"))
+    assert poisoned.keys() == after_one.keys()
+    for key in poisoned:
+        torch.testing.assert_close(poisoned[key], after_one[key], atol=0, rtol=0)
+
+
+def test_a_diverged_run_stops_with_a_clear_error(tmp_path, monkeypatch):
+    import graftkit.train as module
+
+    monkeypatch.setattr(module, "MAX_NONFINITE_STEPS", 3)
+    poison_losses(monkeypatch, bad_calls=set(range(1, 100)))
+    with pytest.raises(GraftkitError, match=r"diverged: 3 steps in a row up to step 3.*train\.lr"):
+        train(recipe(tmp_path, steps=6, eval_every=100), progress=False)

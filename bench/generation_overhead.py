@@ -34,6 +34,7 @@ import torch
 import graftkit
 from graftkit.api import graft_from_configs
 from graftkit.graft import pad, positions
+from graftkit.kv_cache import cache_kwargs, output_cache
 from graftkit.injectors.xattn import TanhGate
 from graftkit.state import MemoryState
 
@@ -74,7 +75,7 @@ def bare_generate(model, input_ids, attention_mask, max_new_tokens: int) -> torc
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         pos = pos[:, -1:] + 1
         out = model(input_ids=token[:, None], attention_mask=mask, position_ids=pos,
-                    past_key_values=out.past_key_values, use_cache=True)
+                    **cache_kwargs(output_cache(out)), use_cache=True)
     return torch.stack(new, dim=1)
 
 

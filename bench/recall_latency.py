@@ -37,6 +37,7 @@ from graftkit.data.babilong import build_babilong
 from graftkit.data.prompts import full_context_prompt, question_prompt
 from graftkit.data.tasks import parse_length
 from graftkit.graft import positions
+from graftkit.kv_cache import cache_kwargs, output_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "smollm2_titans_layer0.yaml"
@@ -66,15 +67,15 @@ def bare_answer(model, ids: torch.Tensor, new_tokens: int, chunk: int) -> torch.
     for start in range(0, ids.shape[1], chunk):
         end = min(start + chunk, ids.shape[1])
         out = model(input_ids=ids[:, start:end], attention_mask=mask[:, :end], position_ids=pos[:, start:end],
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+                    **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
+        cache = output_cache(out)
     new = []
     for _ in range(new_tokens):
         token = out.logits[:, -1].argmax(-1)
         new.append(token)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         out = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions(mask)[:, -1:],
-                    past_key_values=out.past_key_values, use_cache=True)
+                    **cache_kwargs(output_cache(out)), use_cache=True)
     return torch.stack(new, dim=1)
 
 

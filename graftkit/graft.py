@@ -19,6 +19,7 @@ from torch import nn
 
 from graftkit.errors import GraftkitError
 from graftkit.injector import Injector
+from graftkit.kv_cache import cache_kwargs, cache_name, output_cache
 from graftkit.memory import Memory
 from graftkit.state import MemoryState
 from graftkit.write_norm import CALIBRATION_TOKENS, WriteNorm, calibration_text
@@ -149,7 +150,7 @@ class Graft(nn.Module):
         if key not in self._prefix_kv:
             assert self.injector.context is None, "the shared prefix must be computed by the bare backbone"
             ids = torch.tensor([key], device=self.backbone.device)
-            cache = self.backbone.model(input_ids=ids, use_cache=True).past_key_values
+            cache = output_cache(self.backbone.model(input_ids=ids, use_cache=True))
             if len(self._prefix_kv) >= 16:
                 self._prefix_kv.pop(next(iter(self._prefix_kv)))
             self._prefix_kv[key] = [(layer.keys, layer.values) for layer in cache.layers]
@@ -182,10 +183,10 @@ class Graft(nn.Module):
             cache, full_mask, pos = self._layout(prefix_kv, mask)
             keep = 0 if labels is None else _positions_to_score(labels)
             out = self.backbone.model(
-                inputs_embeds=embeds, attention_mask=full_mask, position_ids=pos, past_key_values=cache,
+                inputs_embeds=embeds, attention_mask=full_mask, position_ids=pos, **cache_kwargs(cache),
                 use_cache=cache is not None, logits_to_keep=keep,
             )
-        out.past_key_values = None
+        setattr(out, cache_name(), None)
         if labels is None:
             out.logits = out.logits[:, added:]
             return out
@@ -206,7 +207,7 @@ class Graft(nn.Module):
         with self.injector.reading(self.memory, state):
             embeds, mask, _ = self._inputs(input_ids, attention_mask, state)
             cache, full_mask, pos = self._layout(prefix_kv, mask)
-            out = model(inputs_embeds=embeds, attention_mask=full_mask, position_ids=pos, past_key_values=cache,
+            out = model(inputs_embeds=embeds, attention_mask=full_mask, position_ids=pos, **cache_kwargs(cache),
                         use_cache=True, logits_to_keep=1)
             new, done = [], torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
             for _ in range(max_new_tokens):
@@ -221,11 +222,11 @@ class Graft(nn.Module):
                     full_mask = torch.cat([full_mask, torch.ones_like(mask[:, :1])], dim=1)
                     pos = pos[:, -1:] + 1
                     out = model(input_ids=token[:, None], attention_mask=full_mask, position_ids=pos,
-                                past_key_values=out.past_key_values, use_cache=True)
+                                **cache_kwargs(output_cache(out)), use_cache=True)
                 else:  # recompute everything after the shared prefix (a reference for the cached path)
                     embeds = torch.cat([embeds, self.backbone.embedding(token[:, None])], dim=1)
                     cache, full_mask, pos = self._layout(prefix_kv, mask)
-                    out = model(inputs_embeds=embeds, attention_mask=full_mask, position_ids=pos, past_key_values=cache,
+                    out = model(inputs_embeds=embeds, attention_mask=full_mask, position_ids=pos, **cache_kwargs(cache),
                                 use_cache=cache is not None, logits_to_keep=1)
         return torch.stack(new, dim=1)
 

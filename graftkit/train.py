@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,7 +153,9 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
                     f"training diverged: {bad_run} steps in a row up to step {step + 1} had a non-finite loss or "
                     f"gradients (train.lr is {cfg.lr:g}; try a lower one). The last checkpoint is in {ckpt_root}."
                 )
-        scheduler.step()
+        with warnings.catch_warnings():  # the schedule follows the step count, skipped steps included
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
         window = (window + [float(np.mean(step_acc))])[-50:]

@@ -141,17 +141,17 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
             step_loss += out.loss.item() / cfg.grad_accum
             step_acc.append(answer_accuracy(out.logits.detach(), batch["labels"]))
         norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-        finite = math.isfinite(step_loss) and (norm is None or bool(torch.isfinite(torch.as_tensor(norm))))
-        if finite or accelerator.scaler is not None:  # fp16's loss scaler skips such steps itself
+        if all_finite(accelerator, step_loss, norm) or accelerator.scaler is not None:  # fp16's scaler skips itself
             optimizer.step()
             bad_run = 0
         else:  # one overflowing batch would turn every weight into NaN: drop its update instead
             skipped, bad_run = skipped + 1, bad_run + 1
             pbar.write(f"step {step + 1}: non-finite loss or gradients, update skipped ({skipped} so far)")
             if bad_run >= MAX_NONFINITE_STEPS:
+                kept = f"checkpoints so far are in {ckpt_root}" if (ckpt_root / "latest.json").is_file() else "no checkpoint was written"
                 raise GraftkitError(
                     f"training diverged: {bad_run} steps in a row up to step {step + 1} had a non-finite loss or "
-                    f"gradients (train.lr is {cfg.lr:g}; try a lower one). The last checkpoint is in {ckpt_root}."
+                    f"gradients (train.lr is {cfg.lr:g}; try a lower one); {kept}"
                 )
         with warnings.catch_warnings():  # the schedule follows the step count, skipped steps included
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
@@ -183,6 +183,14 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
 
         plot_metrics(run_dir / "metrics.jsonl", run_dir)
     return TrainResult(run_dir, best["accuracy"], best["step"], cfg.steps)
+
+
+def all_finite(accelerator, loss: float, grad_norm) -> bool:
+    """Whether this step's loss and (clipped-before) gradient norm are finite on every process, so that
+    all processes take or skip the update together."""
+    ok = math.isfinite(loss) and (grad_norm is None or bool(torch.isfinite(torch.as_tensor(grad_norm))))
+    flags = accelerator.reduce(torch.tensor([float(ok)], device=accelerator.device), reduction="sum")
+    return int(flags.item()) == accelerator.num_processes
 
 
 def warmup_cosine(warmup: int, total: int):

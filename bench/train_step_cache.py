@@ -2,7 +2,8 @@
 
 One training step = turn-1 hidden states (read from the cache, or computed by the frozen backbone up to
 the write layer) -> memory write -> turn-2 forward/backward -> optimizer step. Both variants run in one
-process, alternating, on the same batches; the median of the repeats is reported.
+process, alternating, on the same batches; the median of the repeats is reported, and the cached
+step's median per part (where the time goes once the cache has removed the context pass).
 
     python bench/train_step_cache.py [--recipe recipes/smollm2_titans_layer0.yaml] [--repeats 5] [--threads N]
 """
@@ -15,6 +16,9 @@ import tempfile
 import time
 
 import torch
+
+
+PARTS = ("hidden states + turn-2 batch", "memory write", "turn-2 forward", "backward (both)", "optimizer")
 
 
 def main() -> None:
@@ -48,20 +52,33 @@ def main() -> None:
         cached.fill(samples)  # the first epoch pays this once
         uncached = HiddenCache(graft, None)
 
-        def step(cache, items) -> float:
-            start = time.perf_counter()
+        parts = {name: [] for name in PARTS}  # the cached steps, part by part
+
+        def step(cache, items, record: bool = False) -> float:
+            # TwoTurn's forward (write, then turn 2) in its two calls, so each can be timed
+            marks = [time.perf_counter()]
             hidden, mask = cache.get(items)
-            out = model(hidden, mask, **turn2_batch(graft.backbone, items, with_answers=True))
+            batch = turn2_batch(graft.backbone, items, with_answers=True)
+            marks.append(time.perf_counter())
+            state = model.graft.write_hidden(hidden, mask)
+            marks.append(time.perf_counter())
+            out = model.graft(state=state, **batch)
+            marks.append(time.perf_counter())
             out.loss.backward()
+            marks.append(time.perf_counter())
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            return time.perf_counter() - start
+            marks.append(time.perf_counter())
+            if record:
+                for name, begin, end in zip(PARTS, marks, marks[1:]):
+                    parts[name].append(end - begin)
+            return marks[-1] - marks[0]
 
         step(cached, batches[0])  # warm-up (first torch.func call, prefix keys/values)
         times = {"cached": [], "uncached": []}
         for items in batches:
             times["uncached"].append(step(uncached, items))
-            times["cached"].append(step(cached, items))
+            times["cached"].append(step(cached, items, record=True))
     c, u = statistics.median(times["cached"]), statistics.median(times["uncached"])
     print(f"threads {torch.get_num_threads()}, batch {batch_size} x {args.length} contexts, write layer "
           f"{graft.memory.config.write_layer}, {repeats} alternating repeats")
@@ -70,6 +87,7 @@ def main() -> None:
     for name, values in times.items():
         print(f"| {name} | {statistics.median(values):.2f} | {', '.join(f'{v:.2f}' for v in values)} |")
     print(f"speed-up with the cache: {u / c:.2f}x (target >= 3x)")
+    print("cached step, median per part: " + ", ".join(f"{name} {statistics.median(v):.2f} s" for name, v in parts.items()))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,116 @@
+"""Which hidden states know who moved: a linear probe for the subject of each qa1 fact, per layer.
+
+In a fact such as "Mary travelled to the garden.", a memory that stores the location token's state can
+only answer "Where is Mary?" if that state also says *Mary*. This runs the bare backbone over BABILong
+qa1 contexts (facts inside book text), takes the hidden state of each fact's location token at several
+layers (and of the full stop after it), and fits a multinomial logistic regression that predicts the
+fact's subject (train split contexts), scored on test split contexts. A probe for the location on the
+location token's states is the sanity check. Chance is about 1 / (number of people), 25% in qa1.
+
+    python bench/binding_probe.py [--length 1k] [--train 150] [--test 100] [--layers 0,4,8,12,16,20,24,30] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+
+def fact_positions(tokenizer, sample) -> tuple[list[int], list[tuple[int, int, str, str]]]:
+    """Token ids of the context and, per fact found in it, (position of the location's last token,
+    position of the full stop, subject, location)."""
+    encoded = tokenizer(sample.context, return_offsets_mapping=True, add_special_tokens=False)
+    ends = [end for _, end in encoded["offset_mapping"]]
+    found, cursor = [], 0
+    for fact in sample.facts:
+        at = sample.context.find(fact, cursor)
+        if at < 0:
+            continue
+        cursor = at + len(fact)
+        words = fact.rstrip(".").split()
+        location_end = at + len(fact.rstrip("."))
+        token = next((i for i, end in enumerate(ends) if end >= location_end), None)
+        stop = next((i for i, end in enumerate(ends) if end >= cursor), None)
+        if token is not None and stop is not None:
+            found.append((token, stop, words[0], words[-1]))
+    return encoded["input_ids"], found
+
+
+@torch.no_grad()
+def collect(backbone, samples, layers: list[int]) -> tuple[dict, dict, list[str], list[str]]:
+    """Per layer, the states (f d) of every fact's location token and full stop; subjects and locations (f)."""
+    states, stops = {layer: [] for layer in layers}, {layer: [] for layer in layers}
+    subjects, locations = [], []
+    for sample in samples:
+        ids, facts = fact_positions(backbone.tokenizer, sample)
+        if not facts:
+            continue
+        out = backbone.model(torch.tensor([ids], device=backbone.device), output_hidden_states=True)
+        where, stop = torch.tensor([f[0] for f in facts]), torch.tensor([f[1] for f in facts])
+        for layer in layers:
+            states[layer].append(out.hidden_states[layer][0, where].float().cpu())
+            stops[layer].append(out.hidden_states[layer][0, stop].float().cpu())
+        subjects += [f[2] for f in facts]
+        locations += [f[3] for f in facts]
+    joined = lambda rows: {layer: torch.cat(r) for layer, r in rows.items()}  # noqa: E731
+    return joined(states), joined(stops), subjects, locations
+
+
+def probe(train_x: torch.Tensor, train_y: list[str], test_x: torch.Tensor, test_y: list[str]) -> float:
+    """Test accuracy of an L2-regularised multinomial logistic regression on standardised features."""
+    classes = sorted(set(train_y))
+    index = {c: i for i, c in enumerate(classes)}
+    mean, std = train_x.mean(0), train_x.std(0).clamp(min=1e-6)
+    x, tx = (train_x - mean) / std, (test_x - mean) / std
+    y = torch.tensor([index[c] for c in train_y])
+    weight = torch.zeros(x.shape[1], len(classes), requires_grad=True)
+    bias = torch.zeros(len(classes), requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(x @ weight + bias, y) + 1e-2 * weight.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    predicted = (tx @ weight + bias).argmax(-1)
+    gold = torch.tensor([index.get(c, -1) for c in test_y])
+    return (predicted == gold).float().mean().item()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--length", default="1k")
+    parser.add_argument("--train", type=int, default=150, help="train split contexts")
+    parser.add_argument("--test", type=int, default=100, help="test split contexts")
+    parser.add_argument("--layers", default="0,4,8,12,16,20,24,30")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    import graftkit
+    from graftkit.data.babilong import build_babilong
+
+    backbone = graftkit.load_backbone({"kind": "llama"})
+    layers = [int(v) for v in args.layers.split(",")]
+    tok = backbone.tokenizer
+    train = collect(backbone, build_babilong("qa1", "train", args.length, args.train, seed=0, tokenizer=tok), layers)
+    test = collect(backbone, build_babilong("qa1", "test", args.length, args.test, seed=0, tokenizer=tok), layers)
+    people = len(set(train[2]))
+    print(f"qa1 at {args.length}: {len(train[2])} train facts, {len(test[2])} test facts, {people} people "
+          f"(chance {1 / people:.0%}); test accuracy of linear probes")
+    print("| hidden state | subject from the location token | subject from the full stop | location from the location token |")
+    print("|---:|---:|---:|---:|")
+    for layer in layers:
+        who = probe(train[0][layer], train[2], test[0][layer], test[2])
+        who_stop = probe(train[1][layer], train[2], test[1][layer], test[2])
+        where = probe(train[0][layer], train[3], test[0][layer], test[3])
+        print(f"| {layer} | {who:.1%} | {who_stop:.1%} | {where:.1%} |")
+
+
+if __name__ == "__main__":
+    main()

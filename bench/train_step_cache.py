@@ -37,7 +37,6 @@ def main() -> None:
     from graftkit.data.babilong import build_babilong
     from graftkit.protocol import HiddenCache, turn2_batch
     from graftkit.recipe import load_recipe
-    from graftkit.train import TwoTurn
 
     recipe = load_recipe(args.recipe)
     torch.manual_seed(0)
@@ -45,7 +44,6 @@ def main() -> None:
     batch_size = recipe.train.batch_size
     samples = build_babilong("qa1", "train", args.length, batch_size * repeats, seed=0, tokenizer=graft.backbone.tokenizer)
     batches = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
-    model = TwoTurn(graft)
     optimizer = torch.optim.AdamW(graft.trainable_parameters(), lr=1e-4)
     with tempfile.TemporaryDirectory() as tmp:
         cached = HiddenCache(graft, tmp)
@@ -55,14 +53,14 @@ def main() -> None:
         parts = {name: [] for name in PARTS}  # the cached steps, part by part
 
         def step(cache, items, record: bool = False) -> float:
-            # TwoTurn's forward (write, then turn 2) in its two calls, so each can be timed
+            # what graftkit.train.TwoTurn does in one forward (write, then turn 2), in two timed calls
             marks = [time.perf_counter()]
             hidden, mask = cache.get(items)
             batch = turn2_batch(graft.backbone, items, with_answers=True)
             marks.append(time.perf_counter())
-            state = model.graft.write_hidden(hidden, mask)
+            state = graft.write_hidden(hidden, mask)
             marks.append(time.perf_counter())
-            out = model.graft(state=state, **batch)
+            out = graft(state=state, **batch)
             marks.append(time.perf_counter())
             out.loss.backward()
             marks.append(time.perf_counter())

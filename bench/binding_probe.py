@@ -13,6 +13,7 @@ location token's states is the sanity check. Chance is about 1 / (number of peop
 from __future__ import annotations
 
 import argparse
+from bisect import bisect_left
 
 import torch
 import torch.nn.functional as F
@@ -31,9 +32,8 @@ def fact_positions(tokenizer, sample) -> tuple[list[int], list[tuple[int, int, s
         cursor = at + len(fact)
         words = fact.rstrip(".").split()
         location_end = at + len(fact.rstrip("."))
-        token = next((i for i, end in enumerate(ends) if end >= location_end), None)
-        stop = next((i for i, end in enumerate(ends) if end >= cursor), None)
-        if token is not None and stop is not None:
+        token, stop = bisect_left(ends, location_end), bisect_left(ends, cursor)  # first token ending there
+        if stop < len(ends):
             found.append((token, stop, words[0], words[-1]))
     return encoded["input_ids"], found
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
@@ -121,6 +122,15 @@ KEY_SPAN_HELP = (
 )
 
 
+VALUE_SPAN_HELP = (
+    "Values are computed from the written input and the next value_span − 1 written inputs of the same "
+    "write call through a learned depthwise convolution that starts as the identity, so the value stored "
+    "under a token's key can carry what follows it (e.g. the place after a person's name, recalled by a "
+    "query about that name). 1 = each token alone. The last tokens of a write call see only what that "
+    "call holds: splitting a write changes the values just before the split."
+)
+
+
 class KeyMix(nn.Module):
     """Depthwise causal convolution over written inputs (b n d) for computing keys, across write calls.
 
@@ -158,3 +168,33 @@ class KeyMix(nn.Module):
         index = count[:, None] + torch.arange(s, device=x.device)[None]  # the last s of tail + written
         new_tail = extended.gather(1, index[..., None].expand(b, s, d))
         return mixed, new_tail
+
+
+class ValueMix(nn.Module):
+    """Depthwise convolution over a written input and the written inputs after it (b n d), within one call.
+
+    `weight` (span d): row 0 weighs the current input (1 at init), row j the input j written tokens
+    ahead. Masked positions are skipped and contribute nothing; past the call's last written input
+    the window sees zeros.
+    """
+
+    def __init__(self, span: int, dim: int):
+        super().__init__()
+        self.span = span
+        weight = torch.zeros(span, dim)
+        weight[0] = 1.0
+        self.weight = nn.Parameter(weight)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Mixed inputs (b n d); a masked position's mixed value is arbitrary."""
+        b, n, d = x.shape
+        order = None
+        if mask is not None:  # written inputs first, in order, then the masked ones (zeroed)
+            order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
+            kept = mask.gather(1, order).to(x.dtype)
+            x = x.gather(1, order[..., None].expand(b, n, d)) * kept[..., None]
+        windows = F.pad(x, (0, 0, 0, self.span - 1)).unfold(1, self.span, 1)  # b n d span: t, t+1, …
+        mixed = torch.einsum("bnds,sd->bnd", windows, self.weight.to(x.dtype))
+        if order is not None:
+            mixed = torch.empty_like(mixed).scatter(1, order[..., None].expand(b, n, d), mixed)
+        return mixed

@@ -18,7 +18,8 @@ DeltaNet). With γ_i the retention accumulated inside a chunk and W_0 the memory
 
 (I + A)⁻¹ is a unit lower-triangular solve done for all chunks at once; only two small matmuls per
 chunk remain in the Python loop over chunks. The result equals the token-by-token rule (up to
-rounding), so writing in two calls gives the same state wherever the split falls.
+rounding), so writing in two calls gives the same state wherever the split falls (with `value_span`
+1: values look ahead only within a call).
 Masked positions get β = 0 and a = 1: they leave the memory exactly as it was.
 
 Legend: b rows, n written tokens, m query tokens, d model width, h heads, e dim_head, o / i rows
@@ -36,7 +37,7 @@ from einops import rearrange, repeat
 from pydantic import Field
 from torch import nn
 
-from graftkit.memory import KEY_SPAN_HELP, KeyMix, Memory, MemoryConfig
+from graftkit.memory import KEY_SPAN_HELP, VALUE_SPAN_HELP, KeyMix, Memory, MemoryConfig, ValueMix
 from graftkit.state import MemoryState
 
 # Biases at init: β = σ(0) = 0.5; decay σ(−6) ≈ 0.0025 per token (about 8% of a memory survives 1k
@@ -62,6 +63,7 @@ class LinearMemory(Memory):
             True, description="Learn a per-token forgetting gate (gated delta rule); False keeps everything until overwritten."
         )
         key_span: int = Field(1, ge=1, le=16, description=KEY_SPAN_HELP)
+        value_span: int = Field(1, ge=1, le=16, description=VALUE_SPAN_HELP)
 
     def __init__(self, config: "LinearMemory.Config"):
         super().__init__(config)
@@ -73,6 +75,7 @@ class LinearMemory(Memory):
         self.to_decay = nn.Linear(self.dim, config.heads) if config.decay else None
         self.to_out = nn.Linear(inner, self.dim, bias=False)
         self.key_mix = KeyMix(config.key_span, self.dim) if config.key_span > 1 else None
+        self.value_mix = ValueMix(config.value_span, self.dim) if config.value_span > 1 else None
         with torch.no_grad():
             for gate, bias in ((self.to_beta, BETA_BIAS), (self.to_decay, DECAY_BIAS)):
                 if gate is not None:
@@ -95,11 +98,12 @@ class LinearMemory(Memory):
         key_x, carried = x, {}
         if self.key_mix is not None:
             key_x, carried["key_tail"] = self.key_mix(x, state["key_tail"], mask)
-        x, key_x = F.pad(x, (0, 0, 0, pad)), F.pad(key_x, (0, 0, 0, pad))
+        value_x = x if self.value_mix is None else self.value_mix(x, mask)
+        x, key_x, value_x = (F.pad(t, (0, 0, 0, pad)) for t in (x, key_x, value_x))
 
         keys = F.normalize(rearrange(self.to_keys(key_x), "b n (h e) -> b n h e", h=heads), dim=-1)
         keys = rearrange(keys, "b (k c) h e -> k (b h) c e", c=size).contiguous()
-        values = rearrange(self.to_values(x), "b (k c) (h e) -> k (b h) c e", c=size, h=heads).contiguous()
+        values = rearrange(self.to_values(value_x), "b (k c) (h e) -> k (b h) c e", c=size, h=heads).contiguous()
         keep = torch.ones(x.shape[:2], dtype=x.dtype, device=x.device)
         keep[:, keep.shape[1] - pad :] = 0.0
         if mask is not None:

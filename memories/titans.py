@@ -26,7 +26,8 @@ direction) overshoots and diverges within a few chunks. The θ of a chunk are sc
 Unlike titans-pytorch, a sequence shorter than a chunk, and the last partial chunk, are written at
 once (nothing is held back), and every chunk's gradients are taken at the weights the previous chunk
 left (titans-pytorch takes all chunks of one call at the call's initial weights). Splitting a write
-into two calls gives the same state when the split falls on a chunk boundary of the first call.
+into two calls gives the same state when the split falls on a chunk boundary of the first call (and
+`value_span` is 1: values look ahead only within a call).
 Masked positions get θ = 0 and do not enter η_κ, α_κ; a chunk with no unmasked token is skipped.
 
 Legend: b rows, n written tokens, m query tokens, d model width, h heads, e dim_head,
@@ -45,7 +46,7 @@ from pydantic import Field
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from graftkit.memory import KEY_SPAN_HELP, KeyMix, Memory, MemoryConfig
+from graftkit.memory import KEY_SPAN_HELP, VALUE_SPAN_HELP, KeyMix, Memory, MemoryConfig, ValueMix
 from graftkit.state import MemoryState
 
 # Gate biases at init: θ = max_lr·σ(0) = max_lr / 2, η = σ(0) = 0.5, α = σ(−4) ≈ 0.018 per chunk
@@ -110,6 +111,7 @@ class TitansMemory(Memory):
             "paper's plain update.",
         )
         key_span: int = Field(1, ge=1, le=16, description=KEY_SPAN_HELP)
+        value_span: int = Field(1, ge=1, le=16, description=VALUE_SPAN_HELP)
         truncate_chunks: bool = Field(
             False,
             description="Take each chunk's inner gradients at weights detached from earlier chunks: the "
@@ -127,6 +129,7 @@ class TitansMemory(Memory):
         self.to_out = nn.Linear(inner, self.dim, bias=False)
         self.mlp = MemoryMLP(config.heads, config.dim_head, config.depth, config.expansion)
         self.key_mix = KeyMix(config.key_span, self.dim) if config.key_span > 1 else None
+        self.value_mix = ValueMix(config.value_span, self.dim) if config.value_span > 1 else None
         with torch.no_grad():
             self.to_gates.weight.mul_(0.1)
             biases = torch.tensor([LR_BIAS, MOMENTUM_BIAS, DECAY_BIAS])
@@ -150,7 +153,8 @@ class TitansMemory(Memory):
         key_x, carried = None, {}
         if self.key_mix is not None:
             key_x, carried["key_tail"] = self.key_mix(x, state["key_tail"], mask)
-        keys, values, theta, eta, kept, written = self._chunk_inputs(x, mask, key_x)
+        value_x = None if self.value_mix is None else self.value_mix(x, mask)
+        keys, values, theta, eta, kept, written = self._chunk_inputs(x, mask, key_x, value_x)
         batch = dict(b=x.shape[0], h=self.config.heads)
         weights = [rearrange(state[f"w{l}"], "b h i o -> (b h) i o") for l in range(self.layers)]
         moments = [rearrange(state[f"s{l}"], "b h i o -> (b h) i o") for l in range(self.layers)]
@@ -171,9 +175,12 @@ class TitansMemory(Memory):
         new.update({f"s{l}": rearrange(s, "(b h) i o -> b h i o", **batch) for l, s in enumerate(moments)})
         return state.replace(**new, **carried)
 
-    def _chunk_inputs(self, x: torch.Tensor, mask: torch.Tensor | None, key_x: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    def _chunk_inputs(
+        self, x: torch.Tensor, mask: torch.Tensor | None, key_x: torch.Tensor | None = None, value_x: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, ...]:
         """Everything the chunk loop needs, for all chunks at once (the last chunk padded and masked).
-        Keys come from `key_x` when given (inputs mixed over `key_span` tokens), else from `x`.
+        Keys come from `key_x` when given (inputs mixed over `key_span` tokens), else from `x`; values
+        likewise from `value_x` (mixed over `value_span` tokens).
 
         Returns unit keys and values (k B c e), learning rates θ (k B c; 0 where masked, capped), the
         chunk gates η and 1 − α (k B 1 1; 1 for a chunk without tokens) and `written` (k B 1 1: the
@@ -192,6 +199,8 @@ class TitansMemory(Memory):
         )
         if key_x is not None:
             keys = F.linear(F.pad(key_x, (0, 0, 0, pad)), self.to_keys.weight)
+        if value_x is not None:
+            values = F.linear(F.pad(value_x, (0, 0, 0, pad)), self.to_values.weight)
         # normalise in the projection's layout, then lay chunks out contiguously for the batched matmuls
         keys, values = (
             F.normalize(rearrange(t, "b n (h e) -> b n h e", h=heads), dim=-1) for t in (keys, values)

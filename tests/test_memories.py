@@ -396,3 +396,73 @@ def test_key_span_weights_get_gradients(name):
     state = memory.write(torch.randn(2, 13, DIM), memory.init_state(2))
     memory.read(torch.randn(2, 3, DIM), state).square().sum().backward()
     assert memory.key_mix.weight.grad is not None and memory.key_mix.weight.grad.abs().sum() > 0
+
+
+# -- values over the tokens that follow (value_span) ------------------------------------------------------
+def looking_ahead(name: str, offset: int, span: int = 3):
+    """A memory whose values are exactly the input `offset` tokens ahead (queries projected like keys)."""
+    memory = make_memory(name, DIM, value_span=span)
+    with torch.no_grad():
+        memory.value_mix.weight.zero_()
+        memory.value_mix.weight[offset] = 1.0
+        memory.to_queries.weight.copy_(memory.to_keys.weight)
+    return memory
+
+
+@pytest.mark.parametrize("name", SPANNING)
+def test_value_span_starts_as_the_single_token_memory(name):
+    plain, spanning = make_memory(name, DIM), make_memory(name, DIM, value_span=4)
+    spanning.load_state_dict(plain.state_dict(), strict=False)
+    x = torch.randn(2, 13, DIM)
+    with torch.no_grad():
+        assert_states_equal(plain.write(x, plain.init_state(2)), spanning.write(x, spanning.init_state(2)), rtol=1e-5, atol=1e-6)
+
+
+def test_values_see_later_tokens_of_the_call_only():
+    memory = make_memory("linear", DIM, value_span=3)
+    with torch.no_grad():
+        memory.value_mix.weight.normal_()
+        x = torch.randn(1, 9, DIM)
+        changed = x.clone()
+        changed[:, 5] += 1.0  # with span 3, the values of tokens 3, 4 and 5 see token 5
+        moved = (memory.value_mix(x, None) - memory.value_mix(changed, None)).abs().amax(-1)[0] > 0
+        assert moved.tolist() == [False, False, False, True, True, True, False, False, False]
+        last = memory.value_mix(x[:, :6], None)[:, 5]  # past the call's end the window sees zeros
+        assert torch.allclose(last, x[:, 5] * memory.value_mix.weight[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("name", SPANNING)
+def test_a_key_recalls_the_value_of_a_later_token(name):
+    """Reading at token t's input returns what was written two tokens later: the point of value_span."""
+    memory = looking_ahead(name, offset=2)
+    x = torch.randn(3, 6, DIM)
+    with torch.no_grad():
+        state = memory.write(x, memory.init_state(3))
+        read = memory.read(x[:, :4], state)
+        ahead, own = memory.recall_target(x[:, 2:]), memory.recall_target(x[:, :4])
+        empty = memory.read(x[:, :4], memory.init_state(3))
+    to_ahead, empty_to_ahead, to_own = (((got - want).square().sum() / want.square().sum()).item()
+                                        for got, want in ((read, ahead), (empty, ahead), (read, own)))
+    assert to_ahead < 0.75 * empty_to_ahead, (to_ahead, empty_to_ahead)
+    assert to_ahead < 0.75 * to_own, (to_ahead, to_own)
+
+
+def test_value_span_skips_masked_positions():
+    memory = looking_ahead("linear", offset=1)
+    x = torch.randn(2, 21, DIM)
+    mask = torch.rand(2, 21) > 0.4
+    with torch.no_grad():
+        masked = memory.write(x, memory.init_state(2), mask)
+        for row in range(2):
+            alone = memory.write(x[row : row + 1, mask[row]], memory.init_state(1))
+            for key in alone.tensors:
+                assert torch.allclose(masked[key][row], alone[key][0], rtol=1e-4, atol=1e-5), key
+
+
+@pytest.mark.parametrize("name", SPANNING)
+def test_value_span_weights_get_gradients(name):
+    memory = make_memory(name, DIM, value_span=3)
+    state = memory.write(torch.randn(2, 13, DIM), memory.init_state(2))
+    memory.read(torch.randn(2, 3, DIM), state).square().sum().backward()
+    grad = memory.value_mix.weight.grad
+    assert grad is not None and grad[1:].abs().sum() > 0  # the look-ahead rows learn, not only the identity row

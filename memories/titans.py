@@ -22,6 +22,10 @@ Step cap (`step_cap`, on by default, not in the paper): summed over a chunk, the
 with similar keys add up, and a chunk of near-identical keys (hidden states share a large common
 direction) overshoots and diverges within a few chunks. The θ of a chunk are scaled down so that
 Σ θ_t k_t k_tᵀ has spectral norm ≤ 1 (a Gershgorin bound); near-orthogonal keys keep their full θ.
+The cap looks at the keys only, not at the memory MLP's own weights: once a head's weights grow, its
+effective step grows with them and the inner loop can still diverge (measured: a trained graft's head
+going from |W| ≈ 14 to NaN within 10 chunks of a 1k context). `max_surprise` bounds the norm of each
+chunk's update per head, so such a head stays finite; healthy heads are far below the bound.
 
 Unlike titans-pytorch, a sequence shorter than a chunk, and the last partial chunk, are written at
 once (nothing is held back), and every chunk's gradients are taken at the weights the previous chunk
@@ -110,6 +114,14 @@ class TitansMemory(Memory):
             "most 1 (Gershgorin bound): a chunk of near-identical keys cannot overshoot. False = the "
             "paper's plain update.",
         )
+        max_surprise: float | None = Field(
+            10.0,
+            gt=0.0,
+            description="Largest norm of one chunk's update u (all memory-MLP layers of a head together); a larger "
+            "one is scaled down to it. A safety bound, not a learning-rate setting: a head whose inner loop starts "
+            "to diverge (weights growing chunk after chunk) stays finite instead of overflowing to NaN; healthy "
+            "heads of trained grafts stay well below it. null = no bound.",
+        )
         key_span: int = Field(1, ge=1, le=16, description=KEY_SPAN_HELP)
         value_span: int = Field(1, ge=1, le=16, description=VALUE_SPAN_HELP)
         truncate_chunks: bool = Field(
@@ -166,6 +178,8 @@ class TitansMemory(Memory):
         for chunk_keys, chunk_values, chunk_descent, chunk_eta, chunk_kept, chunk_written in steps:
             at = [w.detach() for w in weights] if self.config.truncate_chunks else weights
             u = surprise_of({f"weights.{l}": w for l, w in enumerate(at)}, chunk_keys, chunk_values, chunk_descent)
+            if self.config.max_surprise is not None:
+                u = self._bounded(u)
             moments = [torch.addcmul(u[f"weights.{l}"], chunk_eta, s) for l, s in enumerate(moments)]  # η S + u
             if every_chunk_written:
                 weights = [torch.addcmul(s, chunk_kept, w) for w, s in zip(weights, moments)]  # (1 − α) M + S
@@ -228,6 +242,14 @@ class TitansMemory(Memory):
 
         written = rearrange((count > 0).to(x.dtype), "k B -> k B 1 1")
         return keys, values, theta, chunk_gate(momentum), chunk_gate(-decay), written
+
+    def _bounded(self, u: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The chunk update u (B i o per layer) scaled down, per head, to norm `max_surprise` at most."""
+        limit = self.config.max_surprise
+        squared = sum(t.square().sum((1, 2)) for t in u.values())  # B
+        # 1 below the limit; no square root of 0 (an empty chunk's u is exactly 0), so the backward stays finite
+        scale = rearrange(limit * torch.rsqrt(squared.clamp(min=limit**2)), "B -> B 1 1")
+        return {name: t * scale for name, t in u.items()}
 
     def _chunk_loss(self, params, keys, values, weights) -> torch.Tensor:
         """One head of one row: Σ_t w_t ½‖M(k_t) − v_t‖² over a chunk (keys, values: c e; weights: c)."""

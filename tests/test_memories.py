@@ -466,3 +466,44 @@ def test_value_span_weights_get_gradients(name):
     memory.read(torch.randn(2, 3, DIM), state).square().sum().backward()
     grad = memory.value_mix.weight.grad
     assert grad is not None and grad[1:].abs().sum() > 0  # the look-ahead rows learn, not only the identity row
+
+
+# -- the surprise bound (titans max_surprise) -----------------------------------------------------------------
+def grown_titans(max_surprise):
+    """A Titans memory whose MLP weights have grown to 3× their init and whose θ may reach 4: with the
+    key-only step cap on (the default), its inner loop diverges on an ordinary write."""
+    memory = make_memory("titans", DIM, max_lr=4.0, max_surprise=max_surprise)
+    with torch.no_grad():
+        for weight in memory.mlp.weights:
+            weight.mul_(3.0)
+    return memory
+
+
+def test_max_surprise_keeps_a_diverging_inner_loop_finite():
+    x = torch.randn(2, 160, DIM)
+    with torch.no_grad():
+        unbounded = grown_titans(None).write(x, grown_titans(None).init_state(2))
+        bounded = grown_titans(10.0).write(x, grown_titans(10.0).init_state(2))
+    assert not all(torch.isfinite(unbounded[f"w{l}"]).all() for l in range(2))  # the failure it guards against
+    for name, tensor in bounded.tensors.items():
+        assert torch.isfinite(tensor.float()).all(), name
+
+
+def test_max_surprise_leaves_ordinary_writes_unchanged():
+    bounded, unbounded = make_memory("titans", DIM), make_memory("titans", DIM, max_surprise=None)
+    assert bounded.config.max_surprise == 10.0  # the default
+    x = torch.randn(3, 40, DIM)
+    with torch.no_grad():
+        assert_states_equal(bounded.write(x, bounded.init_state(3)), unbounded.write(x, unbounded.init_state(3)), rtol=0, atol=0)
+
+
+def test_max_surprise_backward_is_finite_through_empty_chunks():
+    """An empty chunk's update is exactly 0; the bound must not put a 0·∞ into the outer gradient."""
+    memory = make_memory("titans", DIM)
+    x = torch.randn(2, 24, DIM)
+    mask = torch.ones(2, 24, dtype=torch.bool)
+    mask[0, 8:] = False  # row 0: chunks 2 and 3 hold nothing
+    state = memory.write(x, memory.init_state(2), mask)
+    memory.read(torch.randn(2, 3, DIM), state).square().sum().backward()
+    for name, p in memory.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name

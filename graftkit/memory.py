@@ -124,7 +124,7 @@ KEY_SPAN_HELP = (
 
 VALUE_SPAN_HELP = (
     "Values are computed from the written input and the next value_span − 1 written inputs of the same "
-    "write call through a learned depthwise convolution that starts as the identity, so the value stored "
+    "write call through a learned depthwise convolution that starts as their mean, so the value stored "
     "under a token's key can carry what follows it (e.g. the place after a person's name, recalled by a "
     "query about that name). 1 = each token alone. The last tokens of a write call see only what that "
     "call holds: splitting a write changes the values just before the split."
@@ -173,17 +173,17 @@ class KeyMix(nn.Module):
 class ValueMix(nn.Module):
     """Depthwise convolution over a written input and the written inputs after it (b n d), within one call.
 
-    `weight` (span d): row 0 weighs the current input (1 at init), row j the input j written tokens
-    ahead. Masked positions are skipped and contribute nothing; past the call's last written input
-    the window sees zeros.
+    `weight` (span d): row 0 weighs the current input, row j the input j written tokens ahead; all
+    1/span at init (the window's mean). Not the identity, unlike `KeyMix`: started as the identity, the
+    look-ahead rows of a trained graft had moved by about 0.02 after 600 steps (BENCHMARKS.md), so the
+    option did nothing. Masked positions are skipped and contribute nothing; past the call's last
+    written input the window sees zeros.
     """
 
     def __init__(self, span: int, dim: int):
         super().__init__()
         self.span = span
-        weight = torch.zeros(span, dim)
-        weight[0] = 1.0
-        self.weight = nn.Parameter(weight)
+        self.weight = nn.Parameter(torch.full((span, dim), 1.0 / span))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Mixed inputs (b n d); a masked position's mixed value is arbitrary."""

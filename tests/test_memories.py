@@ -410,12 +410,18 @@ def looking_ahead(name: str, offset: int, span: int = 3):
 
 
 @pytest.mark.parametrize("name", SPANNING)
-def test_value_span_starts_as_the_single_token_memory(name):
+def test_value_span_starts_as_the_mean_of_the_window(name):
+    """At init the values are those of a single-token memory written with each input replaced by the
+    mean of it and the next value_span − 1 inputs (zeros past the end)."""
     plain, spanning = make_memory(name, DIM), make_memory(name, DIM, value_span=4)
     spanning.load_state_dict(plain.state_dict(), strict=False)
     x = torch.randn(2, 13, DIM)
+    padded = F.pad(x, (0, 0, 0, 3))
+    window_mean = torch.stack([padded[:, t : t + 4].mean(1) for t in range(13)], dim=1)
     with torch.no_grad():
-        assert_states_equal(plain.write(x, plain.init_state(2)), spanning.write(x, spanning.init_state(2)), rtol=1e-5, atol=1e-6)
+        assert torch.allclose(spanning.value_mix(x, None), window_mean, atol=1e-6)
+        assert not torch.allclose(plain.write(x, plain.init_state(2))["w" if name == "linear" else "w1"],
+                                  spanning.write(x, spanning.init_state(2))["w" if name == "linear" else "w1"])
 
 
 def test_values_see_later_tokens_of_the_call_only():

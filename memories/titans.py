@@ -244,11 +244,17 @@ class TitansMemory(Memory):
         return keys, values, theta, chunk_gate(momentum), chunk_gate(-decay), written
 
     def _bounded(self, u: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The chunk update u (B i o per layer) scaled down, per head, to norm `max_surprise` at most."""
+        """The chunk update u (B i o per layer) scaled down, per head, to norm `max_surprise` at most.
+
+        Like the step cap, the scale is held constant for the outer gradient, and a chunk where no head
+        exceeds the bound (the usual case) is returned as it is: the bound costs one norm per chunk.
+        """
         limit = self.config.max_surprise
-        squared = sum(t.square().sum((1, 2)) for t in u.values())  # B
-        # 1 below the limit; no square root of 0 (an empty chunk's u is exactly 0), so the backward stays finite
-        scale = rearrange(limit * torch.rsqrt(squared.clamp(min=limit**2)), "B -> B 1 1")
+        with torch.no_grad():
+            squared = sum(torch.linalg.vector_norm(t, dim=(1, 2)).square() for t in u.values())  # B
+            if not bool((squared > limit**2).any()):
+                return u
+            scale = rearrange(limit * torch.rsqrt(squared.clamp(min=limit**2)), "B -> B 1 1")
         return {name: t * scale for name, t in u.items()}
 
     def _chunk_loss(self, params, keys, values, weights) -> torch.Tensor:

@@ -1,0 +1,94 @@
+"""Replay training batches through a trained Titans graft's memory write and watch its inner loop.
+
+For each training step named, rebuilds that step's batch exactly as `graftkit train` drew it (same seed,
+same bucket and samples; turn-1 hidden states from the cache), writes it chunk by chunk and reports,
+per head: the norm of each chunk's update u and of the memory-MLP weights after it. Heads whose state
+ends non-finite are listed with their weight norms chunk by chunk. `--max-surprise none` replays without
+the bound (how runs trained before it behaved); by default the run's own setting is used.
+
+    python bench/titans_inner_loop.py RUN_DIR --checkpoint step-000450 --steps 451,453,454 [--max-surprise none] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def replay(graft, hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per chunk and head (rows·heads flattened): update norms and weight norms after the chunk."""
+    from einops import rearrange
+    from torch.func import grad, vmap
+
+    memory = graft.memory
+    x = graft.write_norm(hidden.float()) if graft.write_norm is not None else hidden.float()
+    value_x = None if memory.value_mix is None else memory.value_mix(x, mask)
+    keys, values, theta, eta, kept, written = memory._chunk_inputs(x, mask, None, value_x)
+    state = memory.init_state(x.shape[0])
+    weights = [rearrange(state[f"w{l}"], "b h i o -> (b h) i o") for l in range(memory.layers)]
+    moments = [torch.zeros_like(w) for w in weights]
+    surprise_of = vmap(grad(memory._chunk_loss))
+    update_norms, weight_norms = [], []
+    for c in range(keys.shape[0]):
+        u = surprise_of({f"weights.{l}": w for l, w in enumerate(weights)}, keys[c], values[c], -theta[c])
+        if memory.config.max_surprise is not None:
+            u = memory._bounded(u)
+        update_norms.append(torch.sqrt(sum(t.square().sum((1, 2)) for t in u.values())))
+        moments = [torch.addcmul(u[f"weights.{l}"], eta[c], s) for l, s in enumerate(moments)]
+        weights = [torch.addcmul(written[c] * s, kept[c], w) for w, s in zip(weights, moments)]
+        weight_norms.append(torch.sqrt(sum(w.square().sum((1, 2)) for w in weights)))
+    return torch.stack(update_norms), torch.stack(weight_norms)  # chunks × (rows·heads)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir")
+    parser.add_argument("--checkpoint", default="best", help="a folder under RUN_DIR/checkpoints (default: best)")
+    parser.add_argument("--steps", default="1,2,3", help="training steps (1-based, as the progress bar counts) to replay")
+    parser.add_argument("--max-surprise", default=None, help="override memory.max_surprise: a number or 'none'")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from graftkit.api import build_graft
+    from graftkit.checkpoint import load_graft_tensors
+    from graftkit.protocol import HiddenCache
+    from graftkit.recipe import load_recipe
+    from graftkit.train import build_samples
+
+    run = Path(args.run_dir)
+    recipe = load_recipe(run / "recipe.yaml")
+    if recipe.memory.kind != "titans":
+        raise SystemExit(f"{run}: memory is {recipe.memory.kind!r}; this bench replays Titans writes only")
+    graft = build_graft(recipe, calibrate=False)
+    load_graft_tensors(graft, run / "checkpoints" / args.checkpoint)
+    if args.max_surprise is not None:
+        bound = None if args.max_surprise.lower() == "none" else float(args.max_surprise)
+        graft.memory.config = graft.memory.config.model_copy(update={"max_surprise": bound})
+    buckets = build_samples(recipe, graft.backbone.tokenizer, "train", recipe.data.train_lengths, recipe.data.samples_for)
+    keys, cache, cfg = sorted(buckets), HiddenCache(graft, "auto"), recipe.train
+    print(f"{run} {args.checkpoint}, max_surprise {graft.memory.config.max_surprise}")
+    for step in (int(s) for s in args.steps.split(",")):
+        rng = np.random.default_rng([cfg.seed, step - 1, 0, 0])  # as train() draws micro-batch 0 on rank 0
+        key = keys[rng.integers(len(keys))]
+        bucket = buckets[key]
+        samples = [bucket[i] for i in rng.choice(len(bucket), size=min(cfg.batch_size, len(bucket)), replace=False)]
+        hidden, mask = cache.get(samples)
+        with torch.no_grad():
+            updates, norms = replay(graft, hidden, mask)
+        healthy = torch.isfinite(norms[-1])
+        good = updates[:, healthy]
+        print(f"step {step} ({key[0]} {key[1]}): {int(healthy.sum())}/{healthy.numel()} heads finite; "
+              f"chunk update norm median {good.median():.3g}, p99 {good.quantile(0.99):.3g}, max {good.max():.3g}; "
+              f"weight norm at start {norms[0, healthy].median():.3g}, max {norms[:, healthy].max():.3g}")
+        for head in (~healthy).nonzero().flatten().tolist():
+            trail = " ".join(f"{v:.2g}" for v in norms[:, head].tolist())
+            print(f"  row·head {head} diverges; weight norm by chunk: {trail}")
+
+
+if __name__ == "__main__":
+    main()

@@ -471,7 +471,7 @@ def test_value_span_weights_get_gradients(name):
     state = memory.write(torch.randn(2, 13, DIM), memory.init_state(2))
     memory.read(torch.randn(2, 3, DIM), state).square().sum().backward()
     grad = memory.value_mix.weight.grad
-    assert grad is not None and grad[1:].abs().sum() > 0  # the look-ahead rows learn, not only the identity row
+    assert grad is not None and grad[1:].abs().sum() > 0  # the look-ahead rows learn, not only the current token's row
 
 
 # -- the surprise bound (titans max_surprise) -----------------------------------------------------------------

@@ -157,14 +157,13 @@ class KeyMix(nn.Module):
             order, count = None, torch.full((b,), n, device=x.device)
             packed = x
         else:  # written inputs first, in order, then the masked ones
-            order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
-            packed = x.gather(1, order[..., None].expand(b, n, d))
+            packed, order = written_first(x, mask)
             count = mask.sum(1)
         extended = torch.cat([tail.to(x.dtype), packed], dim=1)  # b (s+n) d
         windows = extended.unfold(1, self.span, 1)  # b n d span
         mixed = torch.einsum("bnds,sd->bnd", windows, self.weight.to(x.dtype))
         if order is not None:
-            mixed = torch.empty_like(mixed).scatter(1, order[..., None].expand(b, n, d), mixed)
+            mixed = in_place_of(mixed, order)
         index = count[:, None] + torch.arange(s, device=x.device)[None]  # the last s of tail + written
         new_tail = extended.gather(1, index[..., None].expand(b, s, d))
         return mixed, new_tail
@@ -175,7 +174,7 @@ class ValueMix(nn.Module):
 
     `weight` (span d): row 0 weighs the current input, row j the input j written tokens ahead; all
     1/span at init (the window's mean). Not the identity, unlike `KeyMix`: started as the identity, the
-    look-ahead rows of a trained graft had moved by about 0.02 after 600 steps (BENCHMARKS.md), so the
+    look-ahead rows of a trained graft had reached about 0.02 after 900 steps (BENCHMARKS.md), so the
     option did nothing. Masked positions are skipped and contribute nothing; past the call's last
     written input the window sees zeros.
     """
@@ -187,14 +186,24 @@ class ValueMix(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Mixed inputs (b n d); a masked position's mixed value is arbitrary."""
-        b, n, d = x.shape
         order = None
         if mask is not None:  # written inputs first, in order, then the masked ones (zeroed)
-            order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
-            kept = mask.gather(1, order).to(x.dtype)
-            x = x.gather(1, order[..., None].expand(b, n, d)) * kept[..., None]
+            x, order = written_first(x, mask)
+            x = x * mask.gather(1, order).to(x.dtype)[..., None]
         windows = F.pad(x, (0, 0, 0, self.span - 1)).unfold(1, self.span, 1)  # b n d span: t, t+1, …
         mixed = torch.einsum("bnds,sd->bnd", windows, self.weight.to(x.dtype))
         if order is not None:
-            mixed = torch.empty_like(mixed).scatter(1, order[..., None].expand(b, n, d), mixed)
+            mixed = in_place_of(mixed, order)
         return mixed
+
+
+def written_first(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`x` (b n d) with each row's written positions first, in order, then its masked ones; and the
+    order used (b n), for `in_place_of`."""
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
+    return x.gather(1, order[..., None].expand_as(x)), order
+
+
+def in_place_of(packed: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Undo `written_first`: every row of `packed` (b n d) back at the positions it came from."""
+    return torch.empty_like(packed).scatter(1, order[..., None].expand_as(packed), packed)

@@ -2,7 +2,8 @@
 
 For each training step named, rebuilds that step's batch exactly as `graftkit train` drew it (same seed,
 same bucket and samples; turn-1 hidden states from the cache), writes it chunk by chunk and reports,
-per head: the norm of each chunk's update u and of the memory-MLP weights after it. Heads whose state
+per head: the norm of each chunk's update u and of the memory-MLP weights after it (the chunk loop of
+`TitansMemory._write`, repeated here step by step so it can be watched; keep the two in step). Heads whose state
 ends non-finite are listed with their weight norms chunk by chunk. `--max-surprise none` replays without
 the bound (how runs trained before it behaved); by default the run's own setting is used.
 
@@ -26,8 +27,9 @@ def replay(graft, hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tenso
     memory = graft.memory
     x = graft.write_norm(hidden.float()) if graft.write_norm is not None else hidden.float()
     value_x = None if memory.value_mix is None else memory.value_mix(x, mask)
-    keys, values, theta, eta, kept, written = memory._chunk_inputs(x, mask, None, value_x)
     state = memory.init_state(x.shape[0])
+    key_x = None if memory.key_mix is None else memory.key_mix(x, state["key_tail"], mask)[0]
+    keys, values, theta, eta, kept, written = memory._chunk_inputs(x, mask, key_x, value_x)
     weights = [rearrange(state[f"w{l}"], "b h i o -> (b h) i o") for l in range(memory.layers)]
     moments = [torch.zeros_like(w) for w in weights]
     surprise_of = vmap(grad(memory._chunk_loss))
@@ -72,6 +74,9 @@ def main() -> None:
     buckets = build_samples(recipe, graft.backbone.tokenizer, "train", recipe.data.train_lengths, recipe.data.samples_for)
     keys, cache, cfg = sorted(buckets), HiddenCache(graft, "auto"), recipe.train
     print(f"{run} {args.checkpoint}, max_surprise {graft.memory.config.max_surprise}")
+    if graft.memory.value_mix is not None:  # value_span: how far the learned window looks ahead
+        rows = graft.memory.value_mix.weight.detach().abs().mean(1).tolist()
+        print("value_span window, mean |weight| per row (0 = the token itself): " + " ".join(f"{v:.3f}" for v in rows))
     for step in (int(s) for s in args.steps.split(",")):
         rng = np.random.default_rng([cfg.seed, step - 1, 0, 0])  # as train() draws micro-batch 0 on rank 0
         key = keys[rng.integers(len(keys))]

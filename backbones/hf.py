@@ -152,6 +152,10 @@ class HFBackbone:
             handle.remove()
         return captured[0]
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (... vocab) of states in the last layer's space: the final norm, then the LM head."""
+        return self.model.get_output_embeddings()(self.model.model.norm(hidden.to(self.dtype)))
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 

@@ -46,6 +46,14 @@ class Injector(nn.Module):
         # Set by the graft: standardises hidden states (b n d) the way written ones are (the graft's
         # WriteNorm), for injectors that query the memory with backbone hidden states; None = as they are.
         self.query_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
+        # What the memory returned at each input position (b n d) in the last forward pass, for injectors
+        # that read it per position (`reads_each_position`); None otherwise. Used by `train.read_loss`.
+        self.reads: torch.Tensor | None = None
+
+    @classmethod
+    def reads_each_position(cls, config: InjectorConfig) -> bool:
+        """Whether an injector so configured reads the memory once per input position (and sets `reads`)."""
+        return False
 
     def normalize_query(self, hidden: torch.Tensor) -> torch.Tensor:
         """`hidden` (b n d) as the memory saw written states: through `query_norm` when the graft set one."""
@@ -73,6 +81,7 @@ class Injector(nn.Module):
     @contextlib.contextmanager
     def reading(self, memory: Memory, state: MemoryState):
         """Bind a memory state for the forward passes inside the block."""
+        self.reads = None
         self.context = self.prepare(memory, state)
         try:
             yield self.context

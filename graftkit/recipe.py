@@ -97,6 +97,13 @@ class TrainConfig(Strict):
     seed: int = Field(0, description="Seed of initialisation and sample order.")
     eval_every: int = Field(200, gt=0, description="Evaluate (and checkpoint) every N steps.")
     log_every: int = Field(10, gt=0, description="Write a metrics line every N steps.")
+    read_loss: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of an auxiliary loss on the memory's per-position reads of the question: decoded by the "
+        "backbone's own final norm and LM head, some question position should name the answer's first token. "
+        "Needs an injector that reads the memory at every position (direct_read). 0 = off.",
+    )
     cache_hidden_states: bool = Field(True, description="Cache turn-1 hidden states on disk (exact: the backbone is frozen).")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
         "auto", description="accelerate mixed precision; auto = bf16 on a CUDA device that supports it, else no."
@@ -158,10 +165,27 @@ def validate_recipe(raw: dict, overrides: Iterable[str] = (), source: str | None
         config, errors = validate_block(block, spec)
         problems += errors
         configs[block] = config
+    if recipe is not None and configs.get("injector") is not None:
+        problems += _cross_checks(recipe, configs["injector"])
     if problems or recipe is None:
         raise RecipeError(problems, source)
     recipe._configs = configs
     return recipe
+
+
+def _cross_checks(recipe: Recipe, injector_config: BaseModel) -> list[tuple[str, str]]:
+    """Problems that involve more than one block."""
+    from graftkit.plugins import get_plugins
+
+    injector = get_plugins().registries["injector"].get(recipe.injector.kind)
+    per_position = getattr(injector, "reads_each_position", None)  # third-party classes may predate it
+    if recipe.train.read_loss > 0 and not (per_position and per_position(injector_config)):
+        return [(
+            "train.read_loss",
+            f"needs an injector that reads the memory at every position; {recipe.injector.kind!r} as configured "
+            "does not (set injector.direct_read: true, or train.read_loss: 0)",
+        )]
+    return []
 
 
 def validate_block(block: str, spec: ComponentBlock) -> tuple[BaseModel | None, list[tuple[str, str]]]:

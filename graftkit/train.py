@@ -44,13 +44,43 @@ class TrainResult:
 class TwoTurn(nn.Module):
     """Turn-1 write + turn-2 loss as one forward, so data-parallel wrappers see a single call."""
 
-    def __init__(self, graft):
+    def __init__(self, graft, read_loss: float = 0.0):
         super().__init__()
         self.graft = graft
+        self.read_loss = read_loss  # weight of `read_loss` in the loss; 0 = answer loss only
 
     def forward(self, hidden, hidden_mask, input_ids, attention_mask, labels, prefix_ids=None):
         state = self.graft.write_hidden(hidden, hidden_mask)
-        return self.graft(input_ids, state, attention_mask=attention_mask, labels=labels, prefix_ids=prefix_ids)
+        out = self.graft(input_ids, state, attention_mask=attention_mask, labels=labels, prefix_ids=prefix_ids)
+        if self.read_loss:
+            out.read_loss = read_loss(self.graft, attention_mask, labels)
+            out.loss = out.loss + self.read_loss * out.read_loss
+        return out
+
+
+def read_loss(graft, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """How well the memory's reads over the question name the answer, with the frozen backbone's own decoder.
+
+    Each question position's read (the injector's `reads`, b n d) goes through the backbone's final norm
+    and LM head; the loss is -log of the answer's first token's probability averaged over the row's
+    question positions (padding and answer positions excluded), so one position that recalls the answer
+    suffices: typically the name asked about. It reaches the memory without passing through the frozen
+    layers, where the answer loss's signal is weak.
+    """
+    reads = graft.injector.reads
+    if reads is None:
+        raise GraftkitError("train.read_loss: the injector recorded no per-position reads in this forward pass")
+    reads = reads[:, reads.shape[1] - labels.shape[1] :]  # the positions of input_ids (prepended tokens first)
+    scored = labels != -100
+    first = scored.int().argmax(-1)  # rows end with their answers: index of the first answer token
+    rows = torch.arange(labels.shape[0], device=labels.device)
+    target = labels[rows, first]
+    question = attention_mask.bool() & ~scored
+    logp = torch.log_softmax(graft.backbone.logits(reads).float(), dim=-1)  # b n vocab
+    at = logp.gather(-1, target[:, None, None].expand(-1, logp.shape[1], 1)).squeeze(-1)  # b n
+    at = at.masked_fill(~question, float("-inf"))
+    mixture = torch.logsumexp(at, dim=-1) - question.sum(-1).clamp(min=1).float().log()
+    return -mixture.mean()
 
 
 def build_samples(recipe: Recipe, tokenizer, split: str, lengths: list[str], n) -> dict[tuple[str, str], list]:
@@ -112,7 +142,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
     params = graft.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps))
-    model = TwoTurn(graft)
+    model = TwoTurn(graft, cfg.read_loss)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     start, best = 0, {"accuracy": -1.0, "step": 0}
@@ -128,7 +158,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
     pbar = bar(range(start, cfg.steps), initial=start, total=cfg.steps, desc="training", disable=not (progress and accelerator.is_main_process))
     model.train()
     for step in pbar:
-        step_loss, step_acc = 0.0, []
+        step_loss, step_read, step_acc = 0.0, 0.0, []
         for micro in range(cfg.grad_accum):
             rng = np.random.default_rng([cfg.seed, step, micro, rank])
             bucket = train_buckets[keys[rng.integers(len(keys))]]
@@ -139,6 +169,8 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
                 out = model(hidden, hidden_mask, **batch)
             accelerator.backward(out.loss / cfg.grad_accum)
             step_loss += out.loss.item() / cfg.grad_accum
+            if cfg.read_loss:
+                step_read += out.read_loss.item() / cfg.grad_accum
             step_acc.append(answer_accuracy(out.logits.detach(), batch["labels"]))
         norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
         if all_finite(accelerator, step_loss, norm) or accelerator.scaler is not None:  # fp16's scaler skips itself
@@ -159,10 +191,11 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
         window = (window + [float(np.mean(step_acc))])[-50:]
-        pbar.set_postfix(loss=f"{step_loss:.3f}", acc=f"{np.mean(window):.1%}")
+        extra = {"read_loss": step_read} if cfg.read_loss else {}
+        pbar.set_postfix(loss=f"{step_loss:.3f}", acc=f"{np.mean(window):.1%}", **{k: f"{v:.3f}" for k, v in extra.items()})
         if done % cfg.log_every == 0 or done == cfg.steps:
             metrics.write(step=done, loss=step_loss, answer_acc=float(np.mean(window)), lr=scheduler.get_last_lr()[0],
-                          skipped_steps=skipped, elapsed=time.perf_counter() - t0)
+                          skipped_steps=skipped, elapsed=time.perf_counter() - t0, **extra)
         if done % cfg.eval_every == 0 or done == cfg.steps:
             model.eval()
             scores = evaluate_buckets(graft, eval_buckets, cache, cfg.batch_size)

@@ -69,6 +69,10 @@ class Layer0SoftPrompt(MemoryTokenInjector):
         # Median norm of the backbone's input embeddings; a property of the backbone, set by `attach`.
         self.register_buffer("embed_norm", torch.ones(()), persistent=False)
 
+    @classmethod
+    def reads_each_position(cls, config: Config) -> bool:
+        return config.direct_read
+
     def _attach(self, backbone) -> None:
         with torch.no_grad():
             self.embed_norm.fill_(backbone.embedding.weight.detach().float().norm(dim=-1).median().item())
@@ -95,4 +99,5 @@ class Layer0SoftPrompt(MemoryTokenInjector):
         if self.to_query is not None:
             query = self.to_query(output.float()).to(state_dtype(recall.state))
             extra = recall.memory.read(query, recall.state).float()
+            self.reads = extra
         return self.block(output, recall, extra)

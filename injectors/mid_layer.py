@@ -64,6 +64,10 @@ class MidLayer(MemoryTokenInjector):
         self.block = GatedCrossAttention(hidden_size, config.heads, config.dim_head, config.gate, config.gate_init)
         self.to_query = nn.Linear(hidden_size, hidden_size, bias=False) if config.direct_read else None
 
+    @classmethod
+    def reads_each_position(cls, config: Config) -> bool:
+        return config.direct_read
+
     def _attach(self, backbone) -> None:
         self.hook(backbone.layers[self.layer], self._on_layer)
 
@@ -76,4 +80,5 @@ class MidLayer(MemoryTokenInjector):
             recall = self.context
             query = self.to_query(self.normalize_query(hidden.float())).to(state_dtype(recall.state))
             extra = recall.memory.read(query, recall.state).float()
+            self.reads = extra
         return replace_output(output, self.block(hidden, self.context, extra))

@@ -94,6 +94,12 @@ def test_hidden_states_match_transformers(backbone, ids):
         assert not torch.allclose(last, reference[-1])  # documents the difference
 
 
+def test_logits_of_the_last_layer_output_are_the_model_logits(backbone, ids):
+    with torch.no_grad():
+        last = backbone.hidden_states(ids, backbone.num_layers)
+        torch.testing.assert_close(backbone.logits(last), backbone.model(ids).logits)
+
+
 def test_hidden_states_with_padding_mask(backbone):
     tok = backbone.tokenizer
     batch = tok(["a longer first row", "short"], return_tensors="pt", padding=True, add_special_tokens=False)

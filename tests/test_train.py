@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from safetensors.torch import load_file
 
 from graftkit.cli import main
 from graftkit.errors import GraftkitError
+from graftkit.protocol import HiddenCache, turn2_batch
 from graftkit.recipe import validate_recipe
 from graftkit.train import train
 
@@ -167,3 +169,64 @@ def test_a_diverged_run_stops_with_a_clear_error(tmp_path, monkeypatch):
     poison_losses(monkeypatch, bad_calls=set(range(1, 100)))
     with pytest.raises(GraftkitError, match=r"diverged: 3 steps in a row up to step 3.*train\.lr"):
         train(recipe(tmp_path, steps=6, eval_every=100), progress=False)
+
+
+# -- the read loss -------------------------------------------------------------------------------------
+
+
+def built_graft(tmp_path, injector: dict):
+    from graftkit.api import build_graft
+
+    torch.manual_seed(0)
+    return build_graft(validate_recipe({**RECIPE, "injector": injector, "output_dir": str(tmp_path / "g")}))
+
+
+def test_read_loss_scores_the_answer_at_question_positions_only(tmp_path):
+    """Hand-made batch: row 0 is left-padded; -log of the answer's probability averaged over question positions."""
+    from graftkit.train import read_loss
+
+    graft = built_graft(tmp_path, {"kind": "mid_layer", "layer": 0, "direct_read": True})
+    torch.manual_seed(1)
+    reads = torch.randn(2, 6, graft.backbone.hidden_size, requires_grad=True)
+    graft.injector.reads = reads
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    labels = torch.tensor([[-100, -100, -100, -100, 7, 2], [-100, -100, -100, 9, 4, 2]])
+    loss = read_loss(graft, mask, labels)
+    expected = []
+    for row, positions, answer in ((0, [2, 3], 7), (1, [0, 1, 2], 9)):
+        logp = torch.log_softmax(graft.backbone.logits(reads[row, positions]), dim=-1)[:, answer]
+        expected.append(-(torch.logsumexp(logp, 0) - math.log(len(positions))))
+    torch.testing.assert_close(loss, torch.stack(expected).mean())
+    loss.backward()
+    reached = reads.grad.abs().sum(-1) > 0
+    assert reached.tolist() == [[False, False, True, True, False, False], [True, True, True, False, False, False]]
+
+
+@pytest.mark.parametrize("injector", [
+    {"kind": "layer0_soft_prompt", "num_tokens": 4},
+    {"kind": "mid_layer", "layer": 1, "direct_read": True},
+], ids=lambda i: i["kind"])
+def test_read_loss_is_added_to_the_answer_loss(tmp_path, injector):
+    from graftkit.data.babilong import build_babilong
+    from graftkit.train import TwoTurn
+
+    graft = built_graft(tmp_path, injector)
+    samples = build_babilong("qa1", "train", "0k", 3, seed=0, tokenizer=graft.backbone.tokenizer)
+    hidden, mask = HiddenCache(graft, None).get(samples)
+    batch = turn2_batch(graft.backbone, samples, with_answers=True)
+    plain = TwoTurn(graft)(hidden, mask, **batch)
+    with_reads = TwoTurn(graft, read_loss=0.5)(hidden, mask, **batch)
+    assert graft.injector.reads.shape[:2] == batch["input_ids"].shape  # one read per question position
+    assert with_reads.read_loss > 0
+    torch.testing.assert_close(with_reads.loss, plain.loss + 0.5 * with_reads.read_loss)
+    with_reads.read_loss.backward()
+    grads = {name: p.grad for name, p in graft.named_parameters() if p.requires_grad}
+    assert any(g is not None and g.abs().sum() > 0 for name, g in grads.items() if name.startswith("memory."))
+    assert any(g is not None and g.abs().sum() > 0 for name, g in grads.items() if name.startswith("injector.to_query"))
+
+
+def test_training_with_the_read_loss_logs_it(tmp_path):
+    run = train(recipe(tmp_path, steps=2, eval_every=2, read_loss=1.0), progress=False).run_dir
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert [r["step"] for r in lines] == [1, 2]
+    assert all(math.isfinite(r["read_loss"]) and 0 < r["read_loss"] < r["loss"] for r in lines)

@@ -1,0 +1,100 @@
+"""Does what the memory recalls carry the answer? Linear probes on a trained graft's reads of the question.
+
+For a run whose injector reads the memory at every position (`direct_read`), write each qa1 context,
+run turn 2 (the question alone) and keep the memory's read at the asked person's name and at the last
+question position. A multinomial logistic regression (the one of `binding_probe.py`) fitted on
+train-split samples predicts the answer location from those reads, scored on the test-split samples
+`graftkit eval` uses (data seed + 1). Next to the graft's own two-turn accuracy on the same samples it
+tells where answers are lost: a probe well above the graft means the backbone does not use what the
+memory returns; a probe at or below it means the memory does not return it.
+
+    python bench/read_probe.py RUN_DIR [--checkpoint best] [--length 1k] [--train 400] [--test 200] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from binding_probe import probe
+
+
+def name_position(tokenizer, question_ids: list[int], name: str) -> int:
+    """Index of the last token of `name` in a question part ("... Where is Mary? ...")."""
+    for i in range(len(question_ids)):
+        if f"is {name}" in tokenizer.decode(question_ids[: i + 1]):
+            return i
+    raise ValueError(f"{name!r} not found in the question")
+
+
+@torch.no_grad()
+def collect(graft, samples, cache, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Reads (f d) at the name and at the last position, and the answers (f)."""
+    from graftkit.protocol import question_parts, turn2_batch
+
+    tok = graft.backbone.tokenizer
+    at_name, at_last, answers = [], [], []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start : start + batch_size]
+        hidden, mask = cache.get(chunk)
+        state = graft.write_hidden(hidden, mask)
+        batch = turn2_batch(graft.backbone, chunk, with_answers=False)
+        graft(batch["input_ids"], state, batch["attention_mask"], prefix_ids=batch["prefix_ids"])
+        width = batch["input_ids"].shape[1]
+        reads = graft.injector.reads[:, -width:].float()
+        for row, sample in enumerate(chunk):
+            _, question = question_parts(graft.backbone, sample)
+            name = sample.question.rstrip("?").split()[-1]
+            at_name.append(reads[row, width - len(question) + name_position(tok, question, name)])
+            at_last.append(reads[row, -1])
+            answers.append(sample.target)
+    return torch.stack(at_name), torch.stack(at_last), answers
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir")
+    parser.add_argument("--checkpoint", default="best", help="a folder under RUN_DIR/checkpoints (default: best)")
+    parser.add_argument("--length", default="1k")
+    parser.add_argument("--train", type=int, default=400, help="train split samples")
+    parser.add_argument("--test", type=int, default=200, help="test split samples")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from graftkit.api import build_graft
+    from graftkit.checkpoint import load_graft_tensors, resolve_checkpoint
+    from graftkit.data.babilong import build_babilong
+    from graftkit.errors import GraftkitError
+    from graftkit.evaluate import EVAL_SEED_OFFSET
+    from graftkit.protocol import HiddenCache
+    from graftkit.recipe import load_recipe
+
+    run = Path(args.run_dir)
+    recipe = load_recipe(run / "recipe.yaml")
+    graft = build_graft(recipe, calibrate=False)
+    if not type(graft.injector).reads_each_position(recipe.component_config("injector")):
+        raise GraftkitError(f"{run}: the injector does not read the memory at every position (direct_read)")
+    load_graft_tensors(graft, resolve_checkpoint(run, args.checkpoint))
+    tok = graft.backbone.tokenizer
+    cache = HiddenCache(graft)
+    train = build_babilong("qa1", "train", args.length, args.train, seed=recipe.data.seed, tokenizer=tok)
+    test = build_babilong("qa1", "test", args.length, args.test, seed=recipe.data.seed + EVAL_SEED_OFFSET, tokenizer=tok)
+    cache.fill(train)
+    cache.fill(test)
+    fit, scored = collect(graft, train, cache), collect(graft, test, cache)
+    both = lambda reads: torch.cat([reads[0], reads[1]], dim=-1)  # noqa: E731
+    print(f"{run} ({args.checkpoint}), qa1 at {args.length}: probe fitted on {len(fit[2])} train samples, "
+          f"scored on {len(scored[2])} test samples (chance 1/6)")
+    print("| read at | answer from a linear probe |")
+    print("|---|---:|")
+    print(f"| the name asked about | {probe(fit[0], fit[2], scored[0], scored[2]):.1%} |")
+    print(f"| the last question position | {probe(fit[1], fit[2], scored[1], scored[2]):.1%} |")
+    print(f"| both, concatenated | {probe(both(fit), fit[2], both(scored), scored[2]):.1%} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Can the memory learn to recall qa1 answers on its own? Train it on recall alone, no backbone pass.
+
+A fresh graft from a recipe whose injector reads the memory at every position (`direct_read`). Per
+step: write the cached turn-1 hidden states of a training batch, read the memory once per sample with
+the injector's own query (`to_query` of the frozen backbone's state at the injector's depth, on the
+question's name token, the instruction before it), and classify the read into the task's locations
+with a linear head. Only the memory, `to_query` and the head learn; no turn-2 pass through the frozen
+stack, so a step costs the write and its backward. Held-out accuracy is on the test-split samples
+`graftkit eval` uses (data seed + 1). It separates what the memory can store and give back from what
+the backbone makes of it: `graftkit train` reaching about the same accuracy means the memory is the
+limit.
+
+    python bench/recall_only.py RECIPE [key=value ...] [--steps 600] [--every 100] [--test 200] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from read_probe import name_position
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def name_states(graft, samples, batch_size: int = 16) -> dict[str, torch.Tensor]:
+    """Per sample uid, the hidden state (d) entering the injector's hook at the question's name token.
+
+    The shared instruction runs once (the graft's prefix cache); each batch runs only its question
+    parts, and only up to the injector's layer."""
+    from graftkit.kv_cache import cache_kwargs
+    from graftkit.protocol import question_parts
+
+    backbone, tok = graft.backbone, graft.backbone.tokenizer
+    grabbed = []
+
+    def grab(module, args, output):
+        grabbed.append(output[0] if isinstance(output, tuple) else output)
+        raise _Stop
+
+    states = {}
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start : start + batch_size]
+        parts = [question_parts(backbone, s) for s in chunk]
+        where = [name_position(tok, q, s.question.rstrip("?").split()[-1]) for s, (_, q) in zip(chunk, parts)]
+        width = max(len(q) for _, q in parts)
+        ids = torch.tensor([q + [tok.pad_token_id] * (width - len(q)) for _, q in parts])
+        mask = (torch.arange(width)[None] < torch.tensor([len(q) for _, q in parts])[:, None]).long()
+        cache, full_mask, pos = graft._layout(graft.prefix_kv(parts[0][0]), mask)  # the prefix runs the whole stack
+        grabbed.clear()
+        handle = backbone.layers[graft.injector.layer].register_forward_hook(grab)
+        try:
+            backbone.model.model(input_ids=ids, attention_mask=full_mask, position_ids=pos, **cache_kwargs(cache), use_cache=True)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        states.update({s.uid: grabbed[0][i, w].float() for i, (s, w) in enumerate(zip(chunk, where))})
+    return states
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("recipe")
+    parser.add_argument("overrides", nargs="*", help="recipe overrides, key=value")
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--every", type=int, default=100, help="evaluate every N steps")
+    parser.add_argument("--test", type=int, default=200, help="held-out samples at 1k")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from graftkit.api import build_graft
+    from graftkit.data.babilong import build_babilong
+    from graftkit.errors import GraftkitError
+    from graftkit.evaluate import EVAL_SEED_OFFSET
+    from graftkit.protocol import HiddenCache
+    from graftkit.recipe import load_recipe
+    from graftkit.train import build_samples
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    torch.manual_seed(recipe.train.seed)
+    graft = build_graft(recipe)
+    if not (isinstance(getattr(graft.injector, "layer", None), int) and getattr(graft.injector, "to_query", None) is not None):
+        raise GraftkitError("injector: recall_only needs an injector that reads at a decoder layer with direct_read (mid_layer)")
+    tok = graft.backbone.tokenizer
+    train = build_samples(recipe, tok, "train", recipe.data.train_lengths, recipe.data.samples_for)
+    test = build_babilong("qa1", "test", "1k", args.test, seed=recipe.data.seed + EVAL_SEED_OFFSET, tokenizer=tok)
+    cache = HiddenCache(graft)
+    for bucket in [*train.values(), test]:
+        cache.fill(bucket)
+    started = time.perf_counter()
+    queries = name_states(graft, [s for bucket in [*train.values(), test] for s in bucket])
+    print(f"question states of {len(queries)} samples in {time.perf_counter() - started:.0f} s")
+    places = sorted({s.target for bucket in train.values() for s in bucket})
+    head = torch.nn.Linear(graft.backbone.hidden_size, len(places))
+    injector = graft.injector
+    params = [*graft.memory.parameters(), *injector.to_query.parameters(), *head.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=recipe.train.lr)
+
+    def logits(samples) -> torch.Tensor:
+        hidden, mask = cache.get(samples)
+        state = graft.write_hidden(hidden, mask)
+        query = injector.to_query(injector.normalize_query(torch.stack([queries[s.uid] for s in samples])[:, None]))
+        return head(graft.memory.read(query, state)[:, 0].float())
+
+    def answers(samples) -> torch.Tensor:
+        return torch.tensor([places.index(s.target) for s in samples])
+
+    keys, right_in_training = sorted(train), []
+    print(f"| step | training accuracy (last {args.every} batches) | held-out 1k (n = {len(test)}) | seconds |")
+    print("|---:|---:|---:|---:|")
+    for step in range(1, args.steps + 1):
+        rng = np.random.default_rng([recipe.train.seed, step])
+        bucket = train[keys[rng.integers(len(keys))]]
+        batch = [bucket[i] for i in rng.choice(len(bucket), size=min(recipe.train.batch_size, len(bucket)), replace=False)]
+        out = logits(batch)
+        loss = F.cross_entropy(out, answers(batch))
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, recipe.train.max_grad_norm)
+        optimizer.step()
+        right_in_training.append((out.argmax(-1) == answers(batch)).float().mean().item())
+        if step % args.every == 0 or step == args.steps:
+            with torch.no_grad():
+                right = sum((logits(test[i : i + 8]).argmax(-1) == answers(test[i : i + 8])).sum().item() for i in range(0, len(test), 8))
+            print(f"| {step} | {np.mean(right_in_training[-args.every:]):.1%} | {right / len(test):.1%} | "
+                  f"{time.perf_counter() - started:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -4,7 +4,8 @@ A fresh graft from a recipe whose injector reads the memory at every position (`
 step: write the cached turn-1 hidden states of a training batch, read the memory once per sample with
 the injector's own query (`to_query` of the frozen backbone's state at the injector's depth, on the
 question's name token, the instruction before it), and classify the read into the task's locations
-with a linear head. Only the memory, `to_query` and the head learn; no turn-2 pass through the frozen
+with a linear head. Only the memory, `to_query` and the head learn (AdamW at the recipe's `train.lr`,
+constant; batches drawn as `graftkit train` draws them); no turn-2 pass through the frozen
 stack, so a step costs the write and its backward. Held-out accuracy is on the test-split samples
 `graftkit eval` uses (data seed + 1). It separates what the memory can store and give back from what
 the backbone makes of it: `graftkit train` reaching about the same accuracy means the memory is the
@@ -91,6 +92,8 @@ def main() -> None:
     graft = build_graft(recipe)
     if not (isinstance(getattr(graft.injector, "layer", None), int) and getattr(graft.injector, "to_query", None) is not None):
         raise GraftkitError("injector: recall_only needs an injector that reads at a decoder layer with direct_read (mid_layer)")
+    if recipe.data.tasks != ["qa1"]:
+        raise GraftkitError(f"data.tasks: recall_only reads the name in qa1 questions; got {recipe.data.tasks}")
     tok = graft.backbone.tokenizer
     train = build_samples(recipe, tok, "train", recipe.data.train_lengths, recipe.data.samples_for)
     test = build_babilong("qa1", "test", "1k", args.test, seed=recipe.data.seed + EVAL_SEED_OFFSET, tokenizer=tok)

@@ -56,7 +56,7 @@ def collect(graft, samples, cache, batch_size: int = 8) -> tuple[torch.Tensor, t
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir")
-    parser.add_argument("--checkpoint", default="best", help="a folder under RUN_DIR/checkpoints (default: best)")
+    parser.add_argument("--checkpoint", default="best", help="best, last, a step number or a folder under RUN_DIR/checkpoints")
     parser.add_argument("--length", default="1k")
     parser.add_argument("--train", type=int, default=400, help="train split samples")
     parser.add_argument("--test", type=int, default=200, help="test split samples")
@@ -65,20 +65,15 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from graftkit.api import build_graft
-    from graftkit.checkpoint import load_graft_tensors, resolve_checkpoint
+    from graftkit.checkpoint import load_run
     from graftkit.data.babilong import build_babilong
-    from graftkit.errors import GraftkitError
     from graftkit.evaluate import EVAL_SEED_OFFSET
     from graftkit.protocol import HiddenCache
-    from graftkit.recipe import load_recipe
 
     run = Path(args.run_dir)
-    recipe = load_recipe(run / "recipe.yaml")
-    graft = build_graft(recipe, calibrate=False)
+    recipe, graft, _ = load_run(run, args.checkpoint)
     if not type(graft.injector).reads_each_position(recipe.component_config("injector")):
-        raise GraftkitError(f"{run}: the injector does not read the memory at every position (direct_read)")
-    load_graft_tensors(graft, resolve_checkpoint(run, args.checkpoint))
+        raise SystemExit(f"{run}: the injector does not read the memory at every position (direct_read)")
     tok = graft.backbone.tokenizer
     cache = HiddenCache(graft)
     train = build_babilong("qa1", "train", args.length, args.train, seed=recipe.data.seed, tokenizer=tok)

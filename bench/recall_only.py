@@ -81,7 +81,6 @@ def main() -> None:
 
     from graftkit.api import build_graft
     from graftkit.data.babilong import build_babilong
-    from graftkit.errors import GraftkitError
     from graftkit.evaluate import EVAL_SEED_OFFSET
     from graftkit.protocol import HiddenCache
     from graftkit.recipe import load_recipe
@@ -91,9 +90,9 @@ def main() -> None:
     torch.manual_seed(recipe.train.seed)
     graft = build_graft(recipe)
     if not (isinstance(getattr(graft.injector, "layer", None), int) and getattr(graft.injector, "to_query", None) is not None):
-        raise GraftkitError("injector: recall_only needs an injector that reads at a decoder layer with direct_read (mid_layer)")
+        raise SystemExit("injector: recall_only needs an injector that reads at a decoder layer with direct_read (mid_layer)")
     if recipe.data.tasks != ["qa1"]:
-        raise GraftkitError(f"data.tasks: recall_only reads the name in qa1 questions; got {recipe.data.tasks}")
+        raise SystemExit(f"data.tasks: recall_only reads the name in qa1 questions; got {recipe.data.tasks}")
     tok = graft.backbone.tokenizer
     train = build_samples(recipe, tok, "train", recipe.data.train_lengths, recipe.data.samples_for)
     test = build_babilong("qa1", "test", "1k", args.test, seed=recipe.data.seed + EVAL_SEED_OFFSET, tokenizer=tok)

@@ -48,7 +48,7 @@ def replay(graft, hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tenso
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir")
-    parser.add_argument("--checkpoint", default="best", help="a folder under RUN_DIR/checkpoints (default: best)")
+    parser.add_argument("--checkpoint", default="best", help="best, last, a step number or a folder under RUN_DIR/checkpoints")
     parser.add_argument("--steps", default="1,2,3", help="training steps (1-based, as the progress bar counts) to replay")
     parser.add_argument("--max-surprise", default=None, help="override memory.max_surprise: a number or 'none'")
     parser.add_argument("--threads", type=int, default=None)
@@ -56,18 +56,14 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from graftkit.api import build_graft
-    from graftkit.checkpoint import load_graft_tensors
+    from graftkit.checkpoint import load_run
     from graftkit.protocol import HiddenCache
-    from graftkit.recipe import load_recipe
     from graftkit.train import build_samples
 
     run = Path(args.run_dir)
-    recipe = load_recipe(run / "recipe.yaml")
+    recipe, graft, _ = load_run(run, args.checkpoint)
     if recipe.memory.kind != "titans":
         raise SystemExit(f"{run}: memory is {recipe.memory.kind!r}; this bench replays Titans writes only")
-    graft = build_graft(recipe, calibrate=False)
-    load_graft_tensors(graft, run / "checkpoints" / args.checkpoint)
     if args.max_surprise is not None:
         bound = None if args.max_surprise.lower() == "none" else float(args.max_surprise)
         graft.memory.config = graft.memory.config.model_copy(update={"max_surprise": bound})

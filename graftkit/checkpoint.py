@@ -70,7 +70,7 @@ def mark_best(root: Path, checkpoint: Path, accuracy: float) -> None:
 
 
 def resolve_checkpoint(run_dir: Path, which: str = "best") -> Path:
-    """The directory of checkpoint `which`: 'best', 'last', or a step number."""
+    """The directory of checkpoint `which`: 'best', 'last', a step number, or a checkpoint folder's name."""
     root = Path(run_dir) / "checkpoints"
     if which in ("best", "last", "latest"):
         pointer = root / ("best.json" if which == "best" else "latest.json")
@@ -80,12 +80,33 @@ def resolve_checkpoint(run_dir: Path, which: str = "best") -> Path:
             else:
                 raise GraftkitError(f"{run_dir}: no {which} checkpoint (is this a graftkit run directory?)")
         return root / json.loads(pointer.read_text())["path"]
-    if not which.isdigit():
+    step = which[len("step-") :] if which.startswith("step-") else which  # a checkpoint folder's own name
+    if not step.isdigit():
         raise GraftkitError(f"--checkpoint: expected best, last or a step number, got {which!r}")
-    path = root / f"step-{int(which):06d}"
+    path = root / f"step-{int(step):06d}"
     if not path.is_dir():
         raise GraftkitError(f"{run_dir}: no checkpoint for step {which}")
     return path
+
+
+def load_run(run_dir, which: str = "best", backbone=None):
+    """(recipe, graft, checkpoint info) of a training run: the graft built from RUN_DIR/recipe.yaml with
+    the tensors (write statistics included) of checkpoint `which` (see `resolve_checkpoint`)."""
+    from graftkit.api import build_graft
+    from graftkit.recipe import load_recipe
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "recipe.yaml").is_file():
+        raise GraftkitError(f"{run_dir}: not a graftkit run directory (no recipe.yaml)")
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    path = resolve_checkpoint(run_dir, str(which))
+    graft = build_graft(recipe, backbone=backbone, calibrate=False)  # the checkpoint holds the statistics
+    try:
+        info = load_graft_tensors(graft, path)
+    except GraftkitError:
+        graft.injector.detach()  # leave a shared backbone bare
+        raise
+    return recipe, graft, info
 
 
 def load_graft_tensors(graft, checkpoint: Path) -> dict:

@@ -118,19 +118,14 @@ def export_run(run_dir, out, checkpoint: str | int = "best", backbone=None) -> P
     Pass `backbone` to reuse an already loaded backbone (it must be the recipe's); the graft built for
     the export is detached from it afterwards. Returns the export directory.
     """
-    from graftkit.api import build_graft
-    from graftkit.checkpoint import load_graft_tensors, resolve_checkpoint
-    from graftkit.recipe import load_recipe
+    from graftkit.checkpoint import load_run
 
     run_dir, out = Path(run_dir), Path(out)
     if not (run_dir / "recipe.yaml").is_file():
         raise ExportError(f"{run_dir}: not a graftkit run directory (no recipe.yaml)")
     check_target(out)
-    recipe = load_recipe(run_dir / "recipe.yaml")
-    path = resolve_checkpoint(run_dir, str(checkpoint))
-    graft = build_graft(recipe, backbone=backbone, calibrate=False)  # the checkpoint holds the statistics
+    recipe, graft, info = load_run(run_dir, str(checkpoint), backbone=backbone)
     try:
-        info = load_graft_tensors(graft, path)
         results = run_dir / "eval" / "results.md"
         return export_graft(
             graft,

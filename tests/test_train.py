@@ -230,3 +230,20 @@ def test_training_with_the_read_loss_logs_it(tmp_path):
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert [r["step"] for r in lines] == [1, 2]
     assert all(math.isfinite(r["read_loss"]) and 0 < r["read_loss"] < r["loss"] for r in lines)
+
+
+def test_a_checkpoint_is_named_by_step_or_by_its_folder(tmp_path):
+    from graftkit.checkpoint import load_run, resolve_checkpoint
+
+    run = train(recipe(tmp_path, steps=2, eval_every=1), progress=False).run_dir
+    folder = run / "checkpoints" / "step-000002"
+    assert resolve_checkpoint(run, "2") == resolve_checkpoint(run, "step-000002") == resolve_checkpoint(run, "last") == folder
+    with pytest.raises(GraftkitError, match="expected best, last or a step number, got 'step-two'"):
+        resolve_checkpoint(run, "step-two")
+    _, graft, info = load_run(run, "step-000001")
+    assert info["step"] == 1
+    saved = load_file(str(run / "checkpoints" / "step-000001" / "graft.safetensors"))
+    for key, tensor in graft.graft_state_dict().items():
+        torch.testing.assert_close(tensor, saved[key], atol=0, rtol=0)
+    with pytest.raises(GraftkitError, match="not a graftkit run directory"):
+        load_run(tmp_path / "nowhere")

@@ -11,7 +11,10 @@ stack, so a step costs the write and its backward. Held-out accuracy is on the t
 the backbone makes of it: `graftkit train` reaching about the same accuracy means the memory is the
 limit.
 
-    python bench/recall_only.py RECIPE [key=value ...] [--steps 600] [--every 100] [--test 200] [--threads N]
+`--save FILE` writes the graft's tensors after the last step (memory and injector; the head is left
+out), in the layout `train.init_from` reads, so `graftkit train` can start from the recalled memory.
+
+    python bench/recall_only.py RECIPE [key=value ...] [--steps 600] [--every 100] [--test 200] [--save FILE] [--threads N]
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 from read_probe import name_position
 
@@ -75,6 +79,7 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=100, help="evaluate every N steps")
     parser.add_argument("--test", type=int, default=200, help="held-out samples at 1k")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--save", default=None, help="write the graft tensors (safetensors) after the last step")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -136,6 +141,9 @@ def main() -> None:
                 right = sum((logits(test[i : i + 8]).argmax(-1) == answers(test[i : i + 8])).sum().item() for i in range(0, len(test), 8))
             print(f"| {step} | {np.mean(right_in_training[-args.every:]):.1%} | {right / len(test):.1%} | "
                   f"{time.perf_counter() - started:.0f} |", flush=True)
+    if args.save:
+        save_file({k: v.contiguous().cpu() for k, v in graft.graft_state_dict().items()}, args.save)
+        print(f"graft tensors written to {args.save}")
 
 
 if __name__ == "__main__":

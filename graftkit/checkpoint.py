@@ -128,6 +128,46 @@ def load_graft_tensors(graft, checkpoint: Path) -> dict:
     return json.loads((Path(checkpoint) / "trainer.json").read_text())
 
 
+def initial_tensors_file(path) -> Path:
+    """The graft tensors `train.init_from` names: a safetensors file, a checkpoint folder, an export, or a
+    run directory (its best checkpoint)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        for name in ("graft.safetensors", "graft_model.safetensors"):  # a checkpoint folder; an export
+            if (path / name).is_file():
+                return path / name
+        if (path / "checkpoints").is_dir():
+            return resolve_checkpoint(path, "best") / "graft.safetensors"
+        raise GraftkitError(f"train.init_from: {path} holds no graft tensors (no graft.safetensors, "
+                            "graft_model.safetensors or checkpoints/)")
+    raise GraftkitError(f"train.init_from: {path} does not exist")
+
+
+def load_initial_tensors(graft, path) -> tuple[Path, list[str]]:
+    """Load the graft tensors `path` names (see `initial_tensors_file`) into `graft` before training.
+
+    Every tensor in the file must fit a graft tensor of the same name and shape; graft tensors the file
+    lacks keep their initialisation. Returns the file read and the names it lacked."""
+    file = initial_tensors_file(path)
+    try:
+        tensors = load_file(str(file))
+    except (SafetensorError, OSError) as exc:
+        raise GraftkitError(f"train.init_from: {file} is not a readable safetensors file ({exc})") from None
+    own = graft.graft_state_dict()
+    unknown = sorted(set(tensors) - set(own))
+    if unknown:
+        raise GraftkitError(f"train.init_from: {file} holds tensors this graft does not have ({', '.join(unknown[:5])}); "
+                            "was it written for another recipe?")
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in tensors.items() if v.shape != own[k].shape]
+    if wrong:
+        raise GraftkitError(f"train.init_from: {file}: shapes differ from this graft's ({'; '.join(wrong[:3])}); "
+                            "was it written for another recipe?")
+    graft.load_state_dict(tensors, strict=False)
+    return file, sorted(set(own) - set(tensors))
+
+
 def load_checkpoint(checkpoint: Path, graft, optimizer, scheduler) -> dict:
     """Restore everything `save_checkpoint` wrote; returns trainer.json."""
     info = load_graft_tensors(graft, checkpoint)

@@ -104,6 +104,12 @@ class TrainConfig(Strict):
         "backbone's own final norm and LM head, some question position should name the answer's first token. "
         "Needs an injector that reads the memory at every position (direct_read). 0 = off.",
     )
+    init_from: str | None = Field(
+        None,
+        description="Start from these graft tensors instead of a fresh initialisation: a safetensors file, a checkpoint "
+        "folder, an export, or a run directory (its best checkpoint). Every tensor in it must fit this graft; graft "
+        "tensors it lacks keep their initialisation. Ignored by --resume.",
+    )
     cache_hidden_states: bool = Field(True, description="Cache turn-1 hidden states on disk (exact: the backbone is frozen).")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
         "auto", description="accelerate mixed precision; auto = bf16 on a CUDA device that supports it, else no."

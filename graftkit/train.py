@@ -23,7 +23,14 @@ import yaml
 from torch import nn
 
 from graftkit.api import build_graft, load_backbone
-from graftkit.checkpoint import load_checkpoint, mark_best, resolve_checkpoint, save_checkpoint
+from graftkit.checkpoint import (
+    initial_tensors_file,
+    load_checkpoint,
+    load_initial_tensors,
+    mark_best,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from graftkit.errors import GraftkitError
 from graftkit.progress import bar, status
 from graftkit.protocol import HiddenCache, turn2_batch
@@ -121,6 +128,8 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
         )
     if resume and not (ckpt_root / "latest.json").is_file():
         raise GraftkitError(f"--resume: {run_dir} has no checkpoint to resume from")
+    if cfg.init_from and not resume:
+        initial_tensors_file(cfg.init_from)  # a wrong path stops the run before the backbone loads
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
 
@@ -129,6 +138,9 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
         backbone = load_backbone({"kind": recipe.backbone.kind, **recipe.backbone.options()})
     torch.manual_seed(cfg.seed)  # after loading: building a tiny-random backbone draws numbers too
     graft = build_graft(recipe, backbone=backbone, calibrate=not resume)  # a resumed run loads its statistics
+    if cfg.init_from and not resume:
+        file, kept = load_initial_tensors(graft, cfg.init_from)
+        print(f"starting from the graft tensors in {file}" + (f" ({len(kept)} keep their initialisation)" if kept else ""))
     if recipe.backbone.options().get("quantize") is None:  # quantized weights are placed at load time
         graft.backbone.model.to(accelerator.device)
     graft.to(accelerator.device)

@@ -247,3 +247,60 @@ def test_a_checkpoint_is_named_by_step_or_by_its_folder(tmp_path):
         torch.testing.assert_close(tensor, saved[key], atol=0, rtol=0)
     with pytest.raises(GraftkitError, match="not a graftkit run directory"):
         load_run(tmp_path / "nowhere")
+
+
+def test_training_starts_from_the_tensors_init_from_names(tmp_path):
+    first = train(recipe(tmp_path, "first", steps=2, eval_every=2), progress=False).run_dir
+    saved = load_file(str(first / "checkpoints" / "step-000002" / "graft.safetensors"))
+    # a rate too small to move anything: the second run ends where the first one did
+    second = train(recipe(tmp_path, "second", steps=1, eval_every=1, lr=1e-12, init_from=str(first)), progress=False).run_dir
+    after = load_file(str(second / "checkpoints" / "step-000001" / "graft.safetensors"))
+    assert after.keys() == saved.keys()
+    for key in saved:
+        torch.testing.assert_close(after[key], saved[key], atol=1e-8, rtol=0)
+
+
+def test_init_from_may_hold_part_of_the_graft(tmp_path):
+    from safetensors.torch import save_file
+
+    from graftkit.api import build_graft
+    from graftkit.checkpoint import load_initial_tensors
+
+    torch.manual_seed(0)
+    graft = build_graft(recipe(tmp_path))
+    fresh = {k: v.clone() for k, v in graft.graft_state_dict().items()}
+    memory = {k: torch.randn_like(v) for k, v in fresh.items() if k.startswith("memory.")}
+    save_file(memory, str(tmp_path / "memory.safetensors"))
+    file, kept = load_initial_tensors(graft, tmp_path / "memory.safetensors")
+    assert file == tmp_path / "memory.safetensors"
+    assert kept == sorted(set(fresh) - set(memory)) and kept
+    now = graft.graft_state_dict()
+    assert all(torch.equal(now[k], memory[k]) for k in memory)
+    assert all(torch.equal(now[k], fresh[k]) for k in kept)
+
+
+def test_a_wrong_init_from_is_refused_by_name(tmp_path):
+    from safetensors.torch import save_file
+
+    from graftkit.api import build_graft
+    from graftkit.checkpoint import load_initial_tensors
+
+    with pytest.raises(GraftkitError, match=r"train.init_from: .*nowhere does not exist"):
+        train(recipe(tmp_path, init_from=str(tmp_path / "nowhere")), progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(GraftkitError, match="train.init_from: .*empty holds no graft tensors"):
+        train(recipe(tmp_path, init_from=str(tmp_path / "empty")), progress=False)
+    graft = build_graft(recipe(tmp_path))
+    before = {k: v.clone() for k, v in graft.graft_state_dict().items()}
+    save_file({"memory.nothing_like_this": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(GraftkitError, match="holds tensors this graft does not have \\(memory.nothing_like_this\\)"):
+        load_initial_tensors(graft, tmp_path / "other.safetensors")
+    name = next(k for k in before if k.startswith("memory."))
+    save_file({name: torch.zeros(3, 3, 3)}, str(tmp_path / "shape.safetensors"))
+    with pytest.raises(GraftkitError, match=f"shapes differ from this graft's \\({name} \\(3, 3, 3\\)"):
+        load_initial_tensors(graft, tmp_path / "shape.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a tensor file")
+    with pytest.raises(GraftkitError, match="junk.safetensors is not a readable safetensors file"):
+        load_initial_tensors(graft, tmp_path / "junk.safetensors")
+    assert all(torch.equal(graft.graft_state_dict()[k], v) for k, v in before.items())  # nothing half-loaded
+    assert not (tmp_path / "run").exists()  # the refused runs wrote nothing

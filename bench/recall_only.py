@@ -25,7 +25,6 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 from read_probe import name_position
 
@@ -85,6 +84,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from graftkit.api import build_graft
+    from graftkit.checkpoint import save_graft_tensors
     from graftkit.data.babilong import build_babilong
     from graftkit.evaluate import EVAL_SEED_OFFSET
     from graftkit.protocol import HiddenCache
@@ -142,7 +142,7 @@ def main() -> None:
             print(f"| {step} | {np.mean(right_in_training[-args.every:]):.1%} | {right / len(test):.1%} | "
                   f"{time.perf_counter() - started:.0f} |", flush=True)
     if args.save:
-        save_file({k: v.contiguous().cpu() for k, v in graft.graft_state_dict().items()}, args.save)
+        save_graft_tensors(graft, args.save)
         print(f"graft tensors written to {args.save}")
 
 

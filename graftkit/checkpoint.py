@@ -33,7 +33,7 @@ def save_checkpoint(root: Path, step: int, graft, optimizer, scheduler, info: di
     tmp = root / f".step-{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file({k: v.contiguous().cpu() for k, v in graft.graft_state_dict().items()}, str(tmp / "graft.safetensors"))
+    save_graft_tensors(graft, tmp / "graft.safetensors")
     opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     rng = {"torch": torch.get_rng_state()}
@@ -55,6 +55,11 @@ def save_checkpoint(root: Path, step: int, graft, optimizer, scheduler, info: di
     _point(root / "latest.json", final)
     _prune(root, keep)
     return final
+
+
+def save_graft_tensors(graft, path) -> None:
+    """The graft's tensors (memory, injector, write statistics) as one safetensors file."""
+    save_file({k: v.contiguous().cpu() for k, v in graft.graft_state_dict().items()}, str(path))
 
 
 def mark_best(root: Path, checkpoint: Path, accuracy: float) -> None:
@@ -139,7 +144,10 @@ def initial_tensors_file(path) -> Path:
             if (path / name).is_file():
                 return path / name
         if (path / "checkpoints").is_dir():
-            return resolve_checkpoint(path, "best") / "graft.safetensors"
+            try:
+                return resolve_checkpoint(path, "best") / "graft.safetensors"
+            except GraftkitError as exc:
+                raise GraftkitError(f"train.init_from: {exc}") from None
         raise GraftkitError(f"train.init_from: {path} holds no graft tensors (no graft.safetensors, "
                             "graft_model.safetensors or checkpoints/)")
     raise GraftkitError(f"train.init_from: {path} does not exist")

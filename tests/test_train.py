@@ -288,6 +288,9 @@ def test_a_wrong_init_from_is_refused_by_name(tmp_path):
     with pytest.raises(GraftkitError, match=r"train.init_from: .*nowhere does not exist"):
         train(recipe(tmp_path, init_from=str(tmp_path / "nowhere")), progress=False)
     (tmp_path / "empty").mkdir()
+    (tmp_path / "unfinished" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(GraftkitError, match="train.init_from: .*unfinished: no best checkpoint"):
+        train(recipe(tmp_path, init_from=str(tmp_path / "unfinished")), progress=False)
     with pytest.raises(GraftkitError, match="train.init_from: .*empty holds no graft tensors"):
         train(recipe(tmp_path, init_from=str(tmp_path / "empty")), progress=False)
     graft = build_graft(recipe(tmp_path))

@@ -69,6 +69,23 @@ class Graft(nn.Module):
         """Memory and injector parameters; collected structurally, so never a backbone tensor."""
         return [p for p in self.parameters() if p.requires_grad]
 
+    def freeze(self, names: list[str], apply: bool = True) -> list[str]:
+        """Hold the parameters named by `names` (a parameter name or a dotted prefix) fixed; returns their names.
+
+        Every entry must name some parameter, and some parameter must stay trainable. `apply=False` only
+        checks and names them."""
+        params = dict(self.named_parameters())
+        for entry in names:
+            if not any(n == entry or n.startswith(entry + ".") for n in params):
+                heads = sorted({n.split(".")[0] for n in params})
+                raise GraftkitError(f"train.freeze: {entry!r} names no graft parameter (they start with {', '.join(heads)})")
+        frozen = [n for n in params if any(n == e or n.startswith(e + ".") for e in names)]
+        if len(frozen) == len(params):
+            raise GraftkitError(f"train.freeze: {names} holds every graft parameter fixed; nothing would train")
+        for n in frozen if apply else []:
+            params[n].requires_grad_(False)
+        return frozen
+
     def graft_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach() for k, v in self.state_dict().items()}
 

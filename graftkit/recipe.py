@@ -110,6 +110,18 @@ class TrainConfig(Strict):
         "folder, an export, or a run directory (its best checkpoint). Every tensor in it must fit this graft; graft "
         "tensors it lacks keep their initialisation. Ignored by --resume.",
     )
+    recall_steps: int = Field(
+        0,
+        ge=0,
+        description="Steps of a recall stage before the end-to-end steps: the memory and the injector's query learn to "
+        "give back the answer (a linear head of the stage's own on the reads averaged over the question), at train.lr, "
+        "constant. Needs an injector that reads the memory at every position (direct_read). 0 = off; skipped by --resume.",
+    )
+    freeze: list[str] = Field(
+        default_factory=list,
+        description="Graft tensors held fixed during training, by name or dotted prefix (memory, injector.to_query): "
+        "e.g. a memory trained by an earlier stage and loaded with init_from. Each entry must name some graft tensor.",
+    )
     cache_hidden_states: bool = Field(True, description="Cache turn-1 hidden states on disk (exact: the backbone is frozen).")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
         "auto", description="accelerate mixed precision; auto = bf16 on a CUDA device that supports it, else no."
@@ -185,13 +197,15 @@ def _cross_checks(recipe: Recipe, injector_config: BaseModel) -> list[tuple[str,
 
     injector = get_plugins().registries["injector"].get(recipe.injector.kind)
     per_position = getattr(injector, "reads_each_position", None)  # third-party classes may predate it
-    if recipe.train.read_loss > 0 and not (per_position and per_position(injector_config)):
-        return [(
-            "train.read_loss",
-            f"needs an injector that reads the memory at every position; {recipe.injector.kind!r} as configured "
-            "does not (set injector.direct_read: true, or train.read_loss: 0)",
-        )]
-    return []
+    problems = []
+    for field, value in (("read_loss", recipe.train.read_loss), ("recall_steps", recipe.train.recall_steps)):
+        if value > 0 and not (per_position and per_position(injector_config)):
+            problems.append((
+                f"train.{field}",
+                f"needs an injector that reads the memory at every position; {recipe.injector.kind!r} as configured "
+                f"does not (set injector.direct_read: true, or train.{field}: 0)",
+            ))
+    return problems
 
 
 def validate_block(block: str, spec: ComponentBlock) -> tuple[BaseModel | None, list[tuple[str, str]]]:

@@ -34,6 +34,7 @@ from graftkit.checkpoint import (
 from graftkit.errors import GraftkitError
 from graftkit.progress import bar, status
 from graftkit.protocol import HiddenCache, turn2_batch
+from graftkit.recall import recall_stage
 from graftkit.recipe import Recipe
 
 # updates in a row dropped for a non-finite loss or gradient before a run is declared diverged
@@ -141,6 +142,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
     if cfg.init_from and not resume:
         file, kept = load_initial_tensors(graft, cfg.init_from)
         print(f"starting from the graft tensors in {file}" + (f" ({len(kept)} keep their initialisation)" if kept else ""))
+    graft.freeze(cfg.freeze, apply=False)  # a wrong name stops the run before the caches fill
     if recipe.backbone.options().get("quantize") is None:  # quantized weights are placed at load time
         graft.backbone.model.to(accelerator.device)
     graft.to(accelerator.device)
@@ -150,6 +152,15 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
     cache = HiddenCache(graft, "auto" if cfg.cache_hidden_states else None)
     for bucket in [*train_buckets.values(), *eval_buckets.values()]:
         cache.fill(bucket, progress=progress and accelerator.is_main_process)
+    metrics = None if resume else Metrics(run_dir / "metrics.jsonl")
+    if cfg.recall_steps and not resume:  # a resumed run's checkpoint already holds what the stage trained
+        show = progress and accelerator.is_main_process
+        scores = recall_stage(graft, cache, train_buckets, eval_buckets, cfg, metrics, lambda it, **kw: bar(it, disable=not show, **kw))
+        metrics.write(recall_eval={f"{t}/{l}": v for (t, l), v in scores.items()})
+        print("recall stage: held-out recall accuracy " + " ".join(f"{t}/{l}={v:.1%}" for (t, l), v in scores.items()))
+    if cfg.freeze:
+        frozen = graft.freeze(cfg.freeze)
+        print(f"holding {len(frozen)} graft parameters fixed ({', '.join(cfg.freeze)})")
 
     params = graft.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -162,7 +173,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
         info = load_checkpoint(resolve_checkpoint(run_dir, "last"), graft, optimizer, scheduler)
         start, best = info["step"], info.get("best", best)
         print(f"resuming {run_dir} from step {start}")
-    metrics = Metrics(run_dir / "metrics.jsonl", resume_from=start if resume else None)
+        metrics = Metrics(run_dir / "metrics.jsonl", resume_from=start)
     keys = sorted(train_buckets)
     rank = accelerator.process_index
     t0, window = time.perf_counter(), []

@@ -307,3 +307,22 @@ def test_a_wrong_init_from_is_refused_by_name(tmp_path):
         load_initial_tensors(graft, tmp_path / "junk.safetensors")
     assert all(torch.equal(graft.graft_state_dict()[k], v) for k, v in before.items())  # nothing half-loaded
     assert not (tmp_path / "run").exists()  # the refused runs wrote nothing
+
+
+def test_frozen_tensors_stay_as_loaded_while_the_rest_trains(tmp_path):
+    first = train(recipe(tmp_path, "first", steps=2, eval_every=2), progress=False).run_dir
+    saved = load_file(str(first / "checkpoints" / "step-000002" / "graft.safetensors"))
+    second = train(recipe(tmp_path, "second", steps=2, eval_every=2, lr=1e-2, init_from=str(first), freeze=["memory"]),
+                   progress=False).run_dir
+    after = load_file(str(second / "checkpoints" / "step-000002" / "graft.safetensors"))
+    memory = [k for k in saved if k.startswith("memory.")]
+    assert memory and all(torch.equal(after[k], saved[k]) for k in memory)
+    assert any(not torch.equal(after[k], saved[k]) for k in saved if k.startswith("injector."))
+
+
+def test_a_wrong_freeze_is_refused_by_name(tmp_path):
+    with pytest.raises(GraftkitError, match=r"train.freeze: 'memroy' names no graft parameter \(they start with injector, memory\)"):
+        train(recipe(tmp_path, freeze=["memroy"]), progress=False)
+    with pytest.raises(GraftkitError, match="train.freeze: .* holds every graft parameter fixed"):
+        train(recipe(tmp_path, freeze=["memory", "injector"]), progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()

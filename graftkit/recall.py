@@ -1,0 +1,101 @@
+"""Recall pre-training: teach the memory to give the answer back before the backbone learns to use it.
+
+With `train.recall_steps` > 0, `graftkit train` runs this stage before its end-to-end steps. Per step:
+write a batch's cached turn-1 states, run turn 2 (the question alone) so that the injector reads the
+memory at every position, average those reads over the question, and classify the average into the
+answers seen in training with a linear head of the stage's own. The loss reaches the memory and the
+injector's query projection only, not the frozen layers and not the LM head, where the end-to-end
+signal is weak. The head is dropped when the stage ends; the end-to-end steps start from the memory it
+trained (`train.freeze` can hold it there). Needs an injector that reads at every position
+(`reads_each_position`, e.g. mid_layer with direct_read).
+
+Legend: b batch, n tokens, d hidden size.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from graftkit.errors import GraftkitError
+from graftkit.protocol import turn2_batch
+
+
+class _Read(Exception):
+    """Raised by a layer hook once the injector has read the memory: the rest of the stack is not needed."""
+
+
+def question_read(graft, cache, samples: Sequence) -> torch.Tensor:
+    """The memory's reads over each sample's question (b d): written from the cached context, averaged.
+
+    Turn 2 runs only as deep as the injector's read; the layers after it cannot change it."""
+    hidden, hidden_mask = cache.get(samples)
+    state = graft.write_hidden(hidden, hidden_mask)
+    batch = turn2_batch(graft.backbone, samples, with_answers=False)
+
+    def stop(module, args, output):
+        if graft.injector.reads is not None:
+            raise _Read
+
+    graft.injector.reads = None
+    handles = [layer.register_forward_hook(stop) for layer in graft.backbone.layers]
+    try:
+        graft(batch["input_ids"], state, attention_mask=batch["attention_mask"], prefix_ids=batch["prefix_ids"])
+    except _Read:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    reads = graft.injector.reads
+    if reads is None:
+        raise GraftkitError("train.recall_steps: the injector recorded no per-position reads in this forward pass")
+    mask = batch["attention_mask"]
+    reads = reads[:, reads.shape[1] - mask.shape[1] :].float()  # the positions of input_ids (prepended tokens first)
+    question = mask.float()
+    return (reads * question[..., None]).sum(1) / question.sum(1, keepdim=True).clamp(min=1)
+
+
+def recall_stage(graft, cache, train_buckets: dict, eval_buckets: dict, cfg, metrics=None, bar=None) -> dict:
+    """Train the graft on recall alone for `cfg.recall_steps` steps; returns held-out recall accuracy per bucket.
+
+    AdamW at `cfg.lr`, constant; batches drawn uniformly over the training buckets, seeded by `cfg.seed`.
+    `bar(iterable, **kwargs)` makes the progress bar (None: no bar)."""
+    answers = sorted({s.target for bucket in train_buckets.values() for s in bucket})
+    head = torch.nn.Linear(graft.backbone.hidden_size, len(answers)).to(graft.backbone.device)
+    params = [*graft.trainable_parameters(), *head.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    keys, window = sorted(train_buckets), []
+
+    def targets(samples) -> torch.Tensor:
+        return torch.tensor([answers.index(s.target) for s in samples], device=head.weight.device)
+
+    steps = range(cfg.recall_steps) if bar is None else bar(range(cfg.recall_steps), desc="recall stage")
+    for step in steps:
+        rng = np.random.default_rng([cfg.seed, step, 1 << 20])  # a stream apart from the end-to-end steps'
+        bucket = train_buckets[keys[rng.integers(len(keys))]]
+        samples = [bucket[i] for i in rng.choice(len(bucket), size=min(cfg.batch_size, len(bucket)), replace=False)]
+        logits = head(question_read(graft, cache, samples))
+        loss = F.cross_entropy(logits, targets(samples))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        if torch.isfinite(loss) and torch.isfinite(norm):
+            optimizer.step()
+        window = (window + [(logits.argmax(-1) == targets(samples)).float().mean().item()])[-50:]
+        if bar is not None:
+            steps.set_postfix(loss=f"{loss.item():.3f}", acc=f"{np.mean(window):.1%}")
+        if metrics is not None and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.recall_steps):
+            metrics.write(recall_step=step + 1, recall_loss=loss.item(), recall_acc=float(np.mean(window)))
+    optimizer.zero_grad(set_to_none=True)
+    scores = {}
+    with torch.no_grad():
+        for key, bucket in eval_buckets.items():
+            seen = [s for s in bucket if s.target in answers]
+            right = sum((head(question_read(graft, cache, seen[i : i + cfg.batch_size])).argmax(-1)
+                         == targets(seen[i : i + cfg.batch_size])).sum().item() for i in range(0, len(seen), cfg.batch_size))
+            scores[key] = right / max(1, len(bucket))
+    graft.injector.reads = None
+    return scores

@@ -1,0 +1,84 @@
+"""The recall stage (`train.recall_steps`): reads over the question, what learns, and how it runs in `graftkit train`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from graftkit.errors import RecipeError
+from graftkit.protocol import HiddenCache, turn2_batch
+from graftkit.recall import question_read
+from graftkit.recipe import validate_recipe
+from graftkit.train import train
+from test_train import RECIPE, built_graft, recipe
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRAFTKIT_CACHE", str(tmp_path / "cache"))
+
+
+def test_the_question_read_comes_from_the_memory_and_trains_only_the_graft(tmp_path):
+    from graftkit.data.babilong import build_babilong
+
+    graft = built_graft(tmp_path, {"kind": "mid_layer", "layer": 0, "direct_read": True})
+    samples = build_babilong("qa1", "train", "0k", 4, seed=0, tokenizer=graft.backbone.tokenizer)
+    cache = HiddenCache(graft, None)
+    reads = question_read(graft, cache, samples)
+    assert reads.shape == (4, graft.backbone.hidden_size)
+    # stopping after the read gives what the whole turn-2 pass reads
+    batch = turn2_batch(graft.backbone, samples, with_answers=False)
+    with torch.no_grad():
+        graft(batch["input_ids"], graft.write_hidden(*cache.get(samples)), attention_mask=batch["attention_mask"], prefix_ids=batch["prefix_ids"])
+        mask = batch["attention_mask"][..., None].float()
+        torch.testing.assert_close((graft.injector.reads * mask).sum(1) / mask.sum(1), reads.detach())
+    # the same questions after other contexts: other reads
+    swapped = [type(s)(**{**s.__dict__, "uid": s.uid + "-other", "context": samples[(i + 1) % 4].context}) for i, s in enumerate(samples)]
+    assert not torch.allclose(question_read(graft, cache, swapped), reads)
+    reads.sum().backward()
+    grads = {name: p.grad for name, p in graft.named_parameters()}
+    assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.startswith("memory."))
+    assert grads["injector.to_query.weight"].abs().sum() > 0
+    assert all(p.grad is None for p in graft.backbone.model.parameters())
+
+
+def test_the_recall_stage_trains_the_memory_before_the_end_to_end_steps(tmp_path):
+    # both runs hold the memory fixed in their end-to-end steps: only the recall stage can move it
+    plain = train(recipe(tmp_path, "plain", steps=2, eval_every=2, freeze=["memory"]), progress=False).run_dir
+    staged = train(recipe(tmp_path, "staged", steps=2, eval_every=2, freeze=["memory"], recall_steps=3, lr=1e-2), progress=False).run_dir
+    before = load_file(str(plain / "checkpoints" / "step-000002" / "graft.safetensors"))
+    after = load_file(str(staged / "checkpoints" / "step-000002" / "graft.safetensors"))
+    assert any(not torch.equal(after[k], before[k]) for k in before if k.startswith("memory."))
+    lines = [json.loads(line) for line in (staged / "metrics.jsonl").read_text().splitlines()]
+    assert [r["recall_step"] for r in lines if "recall_step" in r] == [1, 2, 3]
+    assert all(r["recall_loss"] > 0 and 0 <= r["recall_acc"] <= 1 for r in lines if "recall_step" in r)
+    [held_out] = [r["recall_eval"] for r in lines if "recall_eval" in r]
+    assert list(held_out) == ["qa1/0k"] and 0 <= held_out["qa1/0k"] <= 1
+    assert [r["step"] for r in lines if "loss" in r] == [1, 2]
+
+
+def test_a_resumed_run_does_not_repeat_the_recall_stage(tmp_path, monkeypatch):
+    import graftkit.train as train_module
+
+    first = recipe(tmp_path, steps=2, eval_every=1, recall_steps=2)
+    train(first.model_copy(update={"train": first.train.model_copy(update={"steps": 1})}), progress=False)
+
+    def again(*args, **kwargs):
+        raise AssertionError("the recall stage ran again on --resume")
+
+    monkeypatch.setattr(train_module, "recall_stage", again)
+    result = train(first, resume=True, progress=False)
+    assert result.last_step == 2
+    lines = (result.run_dir / "metrics.jsonl").read_text()
+    assert lines.count('"recall_eval"') == 1
+
+
+def test_a_recall_stage_needs_reads_at_every_position(tmp_path):
+    raw = json.loads(json.dumps(RECIPE))
+    raw["injector"] = {"kind": "mid_layer", "layer": 0}
+    raw["train"]["recall_steps"] = 10
+    with pytest.raises(RecipeError, match=r"train.recall_steps.*reads the memory at every position.*direct_read: true"):
+        validate_recipe(raw)

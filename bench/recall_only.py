@@ -1,4 +1,4 @@
-"""Can the memory learn to recall qa1 answers on its own? Train it on recall alone, no backbone pass.
+"""Can the memory learn to recall bAbI answers on its own? Train it on recall alone, no backbone pass.
 
 A fresh graft from a recipe whose injector reads the memory at every position (`direct_read`). Per
 step: write the cached turn-1 hidden states of a training batch, read the memory once per sample with
@@ -10,6 +10,10 @@ stack, so a step costs the write and its backward. Held-out accuracy is on the t
 `graftkit eval` uses (data seed + 1). It separates what the memory can store and give back from what
 the backbone makes of it: `graftkit train` reaching about the same accuracy means the memory is the
 limit.
+
+`--query mean` reads at every position of the question part instead and averages the reads (no
+task-specific position; any task, the head over every answer in the training data). `graftkit train`'s
+recall stage (`train.recall_steps`) mixes per-position classifications instead of averaging reads.
 
 `--save FILE` writes the graft's tensors after the last step (memory and injector; the head is left
 out), in the layout `train.init_from` reads, so `graftkit train` can start from the recalled memory.
@@ -34,8 +38,9 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def name_states(graft, samples, batch_size: int = 16) -> dict[str, torch.Tensor]:
-    """Per sample uid, the hidden state (d) entering the injector's hook at the question's name token.
+def name_states(graft, samples, batch_size: int = 16, whole: bool = False) -> dict[str, torch.Tensor]:
+    """Per sample uid, the hidden state (d) entering the injector's hook at the question's name token
+    (`whole`: the states (t d) at every position of the question part).
 
     The shared instruction runs once (the graft's prefix cache); each batch runs only its question
     parts, and only up to the injector's layer."""
@@ -66,7 +71,10 @@ def name_states(graft, samples, batch_size: int = 16) -> dict[str, torch.Tensor]
             pass
         finally:
             handle.remove()
-        states.update({s.uid: grabbed[0][i, w].float() for i, (s, w) in enumerate(zip(chunk, where))})
+        if whole:
+            states.update({s.uid: grabbed[0][i, : len(q)].float() for i, (s, (_, q)) in enumerate(zip(chunk, parts))})
+        else:
+            states.update({s.uid: grabbed[0][i, w].float() for i, (s, w) in enumerate(zip(chunk, where))})
     return states
 
 
@@ -78,6 +86,8 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=100, help="evaluate every N steps")
     parser.add_argument("--test", type=int, default=200, help="held-out samples at 1k")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--query", choices=["name", "mean"], default="name",
+                        help="read once at the name token, or at every question position and average the reads")
     parser.add_argument("--save", default=None, help="write the graft tensors (safetensors) after the last step")
     args = parser.parse_args()
     if args.threads:
@@ -96,16 +106,17 @@ def main() -> None:
     graft = build_graft(recipe)
     if not (isinstance(getattr(graft.injector, "layer", None), int) and getattr(graft.injector, "to_query", None) is not None):
         raise SystemExit("injector: recall_only needs an injector that reads at a decoder layer with direct_read (mid_layer)")
-    if recipe.data.tasks != ["qa1"]:
+    if args.query == "name" and recipe.data.tasks != ["qa1"]:
         raise SystemExit(f"data.tasks: recall_only reads the name in qa1 questions; got {recipe.data.tasks}")
     tok = graft.backbone.tokenizer
     train = build_samples(recipe, tok, "train", recipe.data.train_lengths, recipe.data.samples_for)
-    test = build_babilong("qa1", "test", "1k", args.test, seed=recipe.data.seed + EVAL_SEED_OFFSET, tokenizer=tok)
+    test = [s for task in recipe.data.tasks
+            for s in build_babilong(task, "test", "1k", args.test, seed=recipe.data.seed + EVAL_SEED_OFFSET, tokenizer=tok)]
     cache = HiddenCache(graft)
     for bucket in [*train.values(), test]:
         cache.fill(bucket)
     started = time.perf_counter()
-    queries = name_states(graft, [s for bucket in [*train.values(), test] for s in bucket])
+    queries = name_states(graft, [s for bucket in [*train.values(), test] for s in bucket], whole=args.query == "mean")
     print(f"question states of {len(queries)} samples in {time.perf_counter() - started:.0f} s")
     places = sorted({s.target for bucket in train.values() for s in bucket})
     head = torch.nn.Linear(graft.backbone.hidden_size, len(places))
@@ -116,8 +127,13 @@ def main() -> None:
     def logits(samples) -> torch.Tensor:
         hidden, mask = cache.get(samples)
         state = graft.write_hidden(hidden, mask)
-        query = injector.to_query(injector.normalize_query(torch.stack([queries[s.uid] for s in samples])[:, None]))
-        return head(graft.memory.read(query, state)[:, 0].float())
+        if args.query == "name":
+            query = injector.to_query(injector.normalize_query(torch.stack([queries[s.uid] for s in samples])[:, None]))
+            return head(graft.memory.read(query, state)[:, 0].float())
+        states = torch.nn.utils.rnn.pad_sequence([queries[s.uid] for s in samples], batch_first=True)
+        kept = (torch.arange(states.shape[1])[None] < torch.tensor([len(queries[s.uid]) for s in samples])[:, None]).float()
+        reads = graft.memory.read(injector.to_query(injector.normalize_query(states)), state).float()
+        return head((reads * kept[..., None]).sum(1) / kept.sum(1, keepdim=True))
 
     def answers(samples) -> torch.Tensor:
         return torch.tensor([places.index(s.target) for s in samples])

@@ -28,8 +28,9 @@ class _Read(Exception):
     """Raised by a layer hook once the injector has read the memory: the rest of the stack is not needed."""
 
 
-def question_read(graft, cache, samples: Sequence) -> torch.Tensor:
-    """The memory's reads over each sample's question (b d): written from the cached context, averaged.
+def question_reads(graft, cache, samples: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
+    """The memory's reads at each sample's question positions (b n d), written from the cached context, and
+    which of them are question tokens (b n, padding False).
 
     Turn 2 runs only as deep as the injector's read; the layers after it cannot change it."""
     hidden, hidden_mask = cache.get(samples)
@@ -52,10 +53,16 @@ def question_read(graft, cache, samples: Sequence) -> torch.Tensor:
     reads = graft.injector.reads
     if reads is None:
         raise GraftkitError("train.recall_steps: the injector recorded no per-position reads in this forward pass")
-    mask = batch["attention_mask"]
-    reads = reads[:, reads.shape[1] - mask.shape[1] :].float()  # the positions of input_ids (prepended tokens first)
-    question = mask.float()
-    return (reads * question[..., None]).sum(1) / question.sum(1, keepdim=True).clamp(min=1)
+    mask = batch["attention_mask"].bool()
+    return reads[:, reads.shape[1] - mask.shape[1] :].float(), mask  # the positions of input_ids (prepended tokens first)
+
+
+def answer_logprobs(head: torch.nn.Module, reads: torch.Tensor, question: torch.Tensor) -> torch.Tensor:
+    """log p(answer) (b answers) as a uniform mixture over the question positions of each position's own
+    classification of its read: the position that recalls the answer (typically the name asked about)
+    can carry it without the others drowning it, as an average of the reads would."""
+    logp = torch.log_softmax(head(reads), dim=-1).masked_fill(~question[..., None], float("-inf"))  # b n answers
+    return torch.logsumexp(logp, dim=1) - question.sum(1, keepdim=True).clamp(min=1).float().log()
 
 
 def recall_stage(graft, cache, train_buckets: dict, eval_buckets: dict, cfg, metrics=None, bar=None) -> dict:
@@ -77,8 +84,8 @@ def recall_stage(graft, cache, train_buckets: dict, eval_buckets: dict, cfg, met
         rng = np.random.default_rng([cfg.seed, step, 1 << 20])  # a stream apart from the end-to-end steps'
         bucket = train_buckets[keys[rng.integers(len(keys))]]
         samples = [bucket[i] for i in rng.choice(len(bucket), size=min(cfg.batch_size, len(bucket)), replace=False)]
-        logits = head(question_read(graft, cache, samples))
-        loss = F.cross_entropy(logits, targets(samples))
+        logits = answer_logprobs(head, *question_reads(graft, cache, samples))
+        loss = F.nll_loss(logits, targets(samples))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -94,7 +101,7 @@ def recall_stage(graft, cache, train_buckets: dict, eval_buckets: dict, cfg, met
     with torch.no_grad():
         for key, bucket in eval_buckets.items():
             seen = [s for s in bucket if s.target in answers]
-            right = sum((head(question_read(graft, cache, seen[i : i + cfg.batch_size])).argmax(-1)
+            right = sum((answer_logprobs(head, *question_reads(graft, cache, seen[i : i + cfg.batch_size])).argmax(-1)
                          == targets(seen[i : i + cfg.batch_size])).sum().item() for i in range(0, len(seen), cfg.batch_size))
             scores[key] = right / max(1, len(bucket))
     graft.injector.reads = None

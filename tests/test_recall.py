@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from graftkit.errors import RecipeError
 from graftkit.protocol import HiddenCache, turn2_batch
-from graftkit.recall import question_read
+from graftkit.recall import answer_logprobs, question_reads
 from graftkit.recipe import validate_recipe
 from graftkit.train import train
 from test_train import RECIPE, built_graft, recipe
@@ -21,28 +21,41 @@ def isolated(tmp_path, monkeypatch):
     monkeypatch.setenv("GRAFTKIT_CACHE", str(tmp_path / "cache"))
 
 
-def test_the_question_read_comes_from_the_memory_and_trains_only_the_graft(tmp_path):
+def test_the_question_reads_come_from_the_memory_and_train_only_the_graft(tmp_path):
     from graftkit.data.babilong import build_babilong
 
     graft = built_graft(tmp_path, {"kind": "mid_layer", "layer": 0, "direct_read": True})
     samples = build_babilong("qa1", "train", "0k", 4, seed=0, tokenizer=graft.backbone.tokenizer)
     cache = HiddenCache(graft, None)
-    reads = question_read(graft, cache, samples)
-    assert reads.shape == (4, graft.backbone.hidden_size)
-    # stopping after the read gives what the whole turn-2 pass reads
+    reads, question = question_reads(graft, cache, samples)
     batch = turn2_batch(graft.backbone, samples, with_answers=False)
+    assert reads.shape == (*batch["input_ids"].shape, graft.backbone.hidden_size)
+    assert torch.equal(question, batch["attention_mask"].bool())
+    # stopping after the read gives what the whole turn-2 pass reads
     with torch.no_grad():
         graft(batch["input_ids"], graft.write_hidden(*cache.get(samples)), attention_mask=batch["attention_mask"], prefix_ids=batch["prefix_ids"])
-        mask = batch["attention_mask"][..., None].float()
-        torch.testing.assert_close((graft.injector.reads * mask).sum(1) / mask.sum(1), reads.detach())
+        torch.testing.assert_close(graft.injector.reads[question], reads[question].detach())
     # the same questions after other contexts: other reads
     swapped = [type(s)(**{**s.__dict__, "uid": s.uid + "-other", "context": samples[(i + 1) % 4].context}) for i, s in enumerate(samples)]
-    assert not torch.allclose(question_read(graft, cache, swapped), reads)
-    reads.sum().backward()
+    assert not torch.allclose(question_reads(graft, cache, swapped)[0][question], reads[question])
+    reads[question].sum().backward()
     grads = {name: p.grad for name, p in graft.named_parameters()}
     assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.startswith("memory."))
     assert grads["injector.to_query.weight"].abs().sum() > 0
     assert all(p.grad is None for p in graft.backbone.model.parameters())
+
+
+def test_the_answer_is_a_mixture_over_question_positions():
+    """Row 0: of two question positions one is sure of answer 1, the other unsure; the padding's answer 0 is ignored."""
+    head = torch.nn.Identity()
+    reads = torch.tensor([[[99.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 50.0, 0.0]], [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])
+    question = torch.tensor([[False, True, True], [True, True, True]])
+    logp = answer_logprobs(head, reads, question)
+    own = torch.log_softmax(reads, dim=-1)
+    torch.testing.assert_close(logp[0], torch.logsumexp(own[0, 1:], dim=0) - torch.tensor(2.0).log())
+    torch.testing.assert_close(logp[1], torch.logsumexp(own[1], dim=0) - torch.tensor(3.0).log())
+    torch.testing.assert_close(logp[0].exp(), torch.tensor([1 / 6, 1 / 6 + 1 / 2, 1 / 6]))  # the sure position keeps its half
+    torch.testing.assert_close(logp.exp().sum(-1), torch.ones(2))
 
 
 def test_the_recall_stage_trains_the_memory_before_the_end_to_end_steps(tmp_path):

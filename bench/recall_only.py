@@ -12,8 +12,9 @@ the backbone makes of it: `graftkit train` reaching about the same accuracy mean
 limit.
 
 `--query mean` reads at every position of the question part instead and averages the reads (no
-task-specific position; any task, the head over every answer in the training data). `graftkit train`'s
-recall stage (`train.recall_steps`) mixes per-position classifications instead of averaging reads.
+task-specific position; any task, the head over every answer in the training data); `--query mixture`
+classifies each question position's read and mixes the distributions, as `graftkit train`'s recall
+stage (`train.recall_steps`) does.
 
 `--save FILE` writes the graft's tensors after the last step (memory and injector; the head is left
 out), in the layout `train.init_from` reads, so `graftkit train` can start from the recalled memory.
@@ -86,8 +87,8 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=100, help="evaluate every N steps")
     parser.add_argument("--test", type=int, default=200, help="held-out samples at 1k")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--query", choices=["name", "mean"], default="name",
-                        help="read once at the name token, or at every question position and average the reads")
+    parser.add_argument("--query", choices=["name", "mean", "mixture"], default="name",
+                        help="read once at the name token, or at every question position: average the reads, or mix their classifications")
     parser.add_argument("--save", default=None, help="write the graft tensors (safetensors) after the last step")
     args = parser.parse_args()
     if args.threads:
@@ -98,6 +99,7 @@ def main() -> None:
     from graftkit.data.babilong import build_babilong
     from graftkit.evaluate import EVAL_SEED_OFFSET
     from graftkit.protocol import HiddenCache
+    from graftkit.recall import answer_logprobs
     from graftkit.recipe import load_recipe
     from graftkit.train import build_samples
 
@@ -116,7 +118,7 @@ def main() -> None:
     for bucket in [*train.values(), test]:
         cache.fill(bucket)
     started = time.perf_counter()
-    queries = name_states(graft, [s for bucket in [*train.values(), test] for s in bucket], whole=args.query == "mean")
+    queries = name_states(graft, [s for bucket in [*train.values(), test] for s in bucket], whole=args.query != "name")
     print(f"question states of {len(queries)} samples in {time.perf_counter() - started:.0f} s")
     places = sorted({s.target for bucket in train.values() for s in bucket})
     head = torch.nn.Linear(graft.backbone.hidden_size, len(places))
@@ -133,6 +135,8 @@ def main() -> None:
         states = torch.nn.utils.rnn.pad_sequence([queries[s.uid] for s in samples], batch_first=True)
         kept = (torch.arange(states.shape[1])[None] < torch.tensor([len(queries[s.uid]) for s in samples])[:, None]).float()
         reads = graft.memory.read(injector.to_query(injector.normalize_query(states)), state).float()
+        if args.query == "mixture":  # log-probabilities: cross_entropy's log_softmax leaves them as they are
+            return answer_logprobs(head, reads, kept.bool())
         return head((reads * kept[..., None]).sum(1) / kept.sum(1, keepdim=True))
 
     def answers(samples) -> torch.Tensor:

@@ -2,8 +2,8 @@
 
 With `train.recall_steps` > 0, `graftkit train` runs this stage before its end-to-end steps. Per step:
 write a batch's cached turn-1 states, run turn 2 (the question alone) so that the injector reads the
-memory at every position, average those reads over the question, and classify the average into the
-answers seen in training with a linear head of the stage's own. The loss reaches the memory and the
+memory at every position, classify each question position's read into the answers seen in training
+with a linear head of the stage's own, and score the answer by the mixture of those distributions. The loss reaches the memory and the
 injector's query projection only, not the frozen layers and not the LM head, where the end-to-end
 signal is weak. The head is dropped when the stage ends; the end-to-end steps start from the memory it
 trained (`train.freeze` can hold it there). Needs an injector that reads at every position

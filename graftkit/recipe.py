@@ -114,8 +114,9 @@ class TrainConfig(Strict):
         0,
         ge=0,
         description="Steps of a recall stage before the end-to-end steps: the memory and the injector's query learn to "
-        "give back the answer (a linear head of the stage's own on the reads averaged over the question), at train.lr, "
-        "constant. Needs an injector that reads the memory at every position (direct_read). 0 = off; skipped by --resume.",
+        "give back the answer (a linear head of the stage's own classifies the read at each question position; the "
+        "distributions are mixed), at train.lr, constant. Needs an injector that reads the memory at every position "
+        "(direct_read). 0 = off; skipped by --resume.",
     )
     freeze: list[str] = Field(
         default_factory=list,

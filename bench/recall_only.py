@@ -14,7 +14,9 @@ limit.
 `--query mean` reads at every position of the question part instead and averages the reads (no
 task-specific position; any task, the head over every answer in the training data); `--query mixture`
 classifies each question position's read and mixes the distributions, as `graftkit train`'s recall
-stage (`train.recall_steps`) does.
+stage (`train.recall_steps`) does; `--query attention` weighs the question positions' reads by a learned
+score of each position's query state (softmax over the question) and classifies the weighted read, so
+training can find the position that asks (the name) without being told where it is.
 
 `--save FILE` writes the graft's tensors after the last step (memory and injector; the head is left
 out), in the layout `train.init_from` reads, so `graftkit train` can start from the recalled memory.
@@ -87,8 +89,9 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=100, help="evaluate every N steps")
     parser.add_argument("--test", type=int, default=200, help="held-out samples at 1k")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--query", choices=["name", "mean", "mixture"], default="name",
-                        help="read once at the name token, or at every question position: average the reads, or mix their classifications")
+    parser.add_argument("--query", choices=["name", "mean", "mixture", "attention"], default="name",
+                        help="read once at the name token, or at every question position: average the reads, mix their "
+                        "classifications, or weigh them by a learned score")
     parser.add_argument("--save", default=None, help="write the graft tensors (safetensors) after the last step")
     args = parser.parse_args()
     if args.threads:
@@ -123,7 +126,8 @@ def main() -> None:
     places = sorted({s.target for bucket in train.values() for s in bucket})
     head = torch.nn.Linear(graft.backbone.hidden_size, len(places))
     injector = graft.injector
-    params = [*graft.memory.parameters(), *injector.to_query.parameters(), *head.parameters()]
+    score = torch.nn.Linear(graft.backbone.hidden_size, 1)  # only --query attention uses it
+    params = [*graft.memory.parameters(), *injector.to_query.parameters(), *head.parameters(), *score.parameters()]
     optimizer = torch.optim.AdamW(params, lr=recipe.train.lr)
 
     def logits(samples) -> torch.Tensor:
@@ -134,7 +138,11 @@ def main() -> None:
             return head(graft.memory.read(query, state)[:, 0].float())
         states = torch.nn.utils.rnn.pad_sequence([queries[s.uid] for s in samples], batch_first=True)
         kept = (torch.arange(states.shape[1])[None] < torch.tensor([len(queries[s.uid]) for s in samples])[:, None]).float()
-        reads = graft.memory.read(injector.to_query(injector.normalize_query(states)), state).float()
+        normed = injector.normalize_query(states)
+        reads = graft.memory.read(injector.to_query(normed), state).float()
+        if args.query == "attention":
+            weights = torch.softmax(score(normed).squeeze(-1).float().masked_fill(kept == 0, float("-inf")), dim=1)
+            return head((weights[..., None] * reads).sum(1))
         if args.query == "mixture":  # log-probabilities: cross_entropy's log_softmax leaves them as they are
             return answer_logprobs(head, reads, kept.bool())
         return head((reads * kept[..., None]).sum(1) / kept.sum(1, keepdim=True))

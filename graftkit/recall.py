@@ -2,8 +2,10 @@
 
 With `train.recall_steps` > 0, `graftkit train` runs this stage before its end-to-end steps. Per step:
 write a batch's cached turn-1 states, run turn 2 (the question alone) so that the injector reads the
-memory at every position, classify each question position's read into the answers seen in training
-with a linear head of the stage's own, and score the answer by the mixture of those distributions. The loss reaches the memory and the
+memory at every position, and classify reads into the answers seen in training with a linear head of
+the stage's own: with `train.recall_query: mixture` (default) every question position's read, the answer
+scored by the mixture of their distributions; with `last_word` only the read at the question's last
+word (in qa1 the person asked about), which learns recall much better on qa1 (BENCHMARKS.md). The loss reaches the memory and the
 injector's query projection only, not the frozen layers and not the LM head, where the end-to-end
 signal is weak. The head is dropped when the stage ends; the end-to-end steps start from the memory it
 trained (`train.freeze` can hold it there). Needs an injector that reads at every position
@@ -21,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from graftkit.errors import GraftkitError
-from graftkit.protocol import turn2_batch
+from graftkit.protocol import question_parts, turn2_batch
 
 
 class _Read(Exception):
@@ -65,6 +67,24 @@ def answer_logprobs(head: torch.nn.Module, reads: torch.Tensor, question: torch.
     return torch.logsumexp(logp, dim=1) - question.sum(1, keepdim=True).clamp(min=1).float().log()
 
 
+def last_word_position(backbone, sample) -> int:
+    """Index, in the sample's turn-2 question part, of the last token of the question's last word."""
+    _, ids = question_parts(backbone, sample)
+    words = sample.question.rstrip().rstrip("?.!").rstrip()
+    for i in range(len(ids)):
+        if words in backbone.tokenizer.decode(ids[: i + 1]):
+            return i
+    raise GraftkitError(f"train.recall_query: the question {sample.question!r} is not in its own turn-2 ids")
+
+
+def last_word_logprobs(head: torch.nn.Module, reads: torch.Tensor, question: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
+    """log p(answer) (b answers) from the read at each row's question-part position `positions[i]` (left padding:
+    the question part ends the row)."""
+    lengths = question.sum(1)
+    at = torch.tensor(positions, device=reads.device) + reads.shape[1] - lengths
+    return torch.log_softmax(head(reads[torch.arange(len(positions), device=reads.device), at]), dim=-1)
+
+
 def recall_stage(graft, cache, train_buckets: dict, eval_buckets: dict, cfg, metrics=None, bar=None) -> dict:
     """Train the graft on recall alone for `cfg.recall_steps` steps; returns held-out recall accuracy per bucket.
 
@@ -74,7 +94,16 @@ def recall_stage(graft, cache, train_buckets: dict, eval_buckets: dict, cfg, met
     head = torch.nn.Linear(graft.backbone.hidden_size, len(answers)).to(graft.backbone.device)
     params = [*graft.trainable_parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    keys, window = sorted(train_buckets), []
+    keys, window, where = sorted(train_buckets), [], {}
+
+    def logprobs(samples) -> torch.Tensor:
+        reads, question = question_reads(graft, cache, samples)
+        if cfg.recall_query == "mixture":
+            return answer_logprobs(head, reads, question)
+        for s in samples:
+            if s.uid not in where:
+                where[s.uid] = last_word_position(graft.backbone, s)
+        return last_word_logprobs(head, reads, question, [where[s.uid] for s in samples])
 
     def targets(samples) -> torch.Tensor:
         return torch.tensor([answers.index(s.target) for s in samples], device=head.weight.device)
@@ -84,7 +113,7 @@ def recall_stage(graft, cache, train_buckets: dict, eval_buckets: dict, cfg, met
         rng = np.random.default_rng([cfg.seed, step, 1 << 20])  # a stream apart from the end-to-end steps'
         bucket = train_buckets[keys[rng.integers(len(keys))]]
         samples = [bucket[i] for i in rng.choice(len(bucket), size=min(cfg.batch_size, len(bucket)), replace=False)]
-        logits = answer_logprobs(head, *question_reads(graft, cache, samples))
+        logits = logprobs(samples)
         loss = F.nll_loss(logits, targets(samples))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -101,7 +130,7 @@ def recall_stage(graft, cache, train_buckets: dict, eval_buckets: dict, cfg, met
     with torch.no_grad():
         for key, bucket in eval_buckets.items():
             seen = [s for s in bucket if s.target in answers]
-            right = sum((answer_logprobs(head, *question_reads(graft, cache, seen[i : i + cfg.batch_size])).argmax(-1)
+            right = sum((logprobs(seen[i : i + cfg.batch_size]).argmax(-1)
                          == targets(seen[i : i + cfg.batch_size])).sum().item() for i in range(0, len(seen), cfg.batch_size))
             scores[key] = right / max(1, len(bucket))
     graft.injector.reads = None

@@ -118,6 +118,11 @@ class TrainConfig(Strict):
         "distributions are mixed), at train.lr, constant. Needs an injector that reads the memory at every position "
         "(direct_read). 0 = off; skipped by --resume.",
     )
+    recall_query: Literal["mixture", "last_word"] = Field(
+        "mixture",
+        description="What the recall stage classifies: every question position's read, their distributions mixed "
+        "(mixture), or only the read at the question's last word (last_word; in qa1 the person asked about).",
+    )
     freeze: list[str] = Field(
         default_factory=list,
         description="Graft tensors held fixed during training, by name or dotted prefix (memory, injector.to_query): "

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from graftkit.errors import RecipeError
 from graftkit.protocol import HiddenCache, turn2_batch
-from graftkit.recall import answer_logprobs, question_reads
+from graftkit.recall import answer_logprobs, last_word_logprobs, last_word_position, question_reads
 from graftkit.recipe import validate_recipe
 from graftkit.train import train
 from test_train import RECIPE, built_graft, recipe
@@ -58,10 +58,29 @@ def test_the_answer_is_a_mixture_over_question_positions():
     torch.testing.assert_close(logp.exp().sum(-1), torch.ones(2))
 
 
-def test_the_recall_stage_trains_the_memory_before_the_end_to_end_steps(tmp_path):
+def test_the_last_word_is_the_name_asked_about_wherever_the_padding_puts_it(tmp_path):
+    from graftkit.data.babilong import build_babilong
+
+    graft = built_graft(tmp_path, {"kind": "mid_layer", "layer": 0, "direct_read": True})
+    tok = graft.backbone.tokenizer
+    samples = build_babilong("qa1", "train", "0k", 6, seed=0, tokenizer=tok)
+    batch = turn2_batch(graft.backbone, samples, with_answers=False)
+    width = batch["input_ids"].shape[1]
+    assert len({int(n) for n in batch["attention_mask"].sum(1)}) > 1  # rows of several lengths: the padding differs
+    reads = 100 * torch.eye(width).expand(len(samples), width, width)  # the read at position j says "j"
+    positions = [last_word_position(graft.backbone, s) for s in samples]
+    picked = last_word_logprobs(torch.nn.Identity(), reads, batch["attention_mask"].bool(), positions).argmax(-1)
+    for sample, row, at in zip(samples, batch["input_ids"], picked.tolist()):
+        name = sample.question.rstrip("?").split()[-1]
+        assert name in tok.decode(row[: at + 1]) and name not in tok.decode(row[:at]), (sample.question, at)
+
+
+@pytest.mark.parametrize("query", ["mixture", "last_word"])
+def test_the_recall_stage_trains_the_memory_before_the_end_to_end_steps(tmp_path, query):
     # both runs hold the memory fixed in their end-to-end steps: only the recall stage can move it
     plain = train(recipe(tmp_path, "plain", steps=2, eval_every=2, freeze=["memory"]), progress=False).run_dir
-    staged = train(recipe(tmp_path, "staged", steps=2, eval_every=2, freeze=["memory"], recall_steps=3, lr=1e-2), progress=False).run_dir
+    staged = train(recipe(tmp_path, "staged", steps=2, eval_every=2, freeze=["memory"], recall_steps=3, lr=1e-2,
+                          recall_query=query), progress=False).run_dir
     before = load_file(str(plain / "checkpoints" / "step-000002" / "graft.safetensors"))
     after = load_file(str(staged / "checkpoints" / "step-000002" / "graft.safetensors"))
     assert any(not torch.equal(after[k], before[k]) for k in before if k.startswith("memory."))

@@ -123,6 +123,11 @@ class TrainConfig(Strict):
         description="What the recall stage classifies: every question position's read, their distributions mixed "
         "(mixture), or only the read at the question's last word (last_word; in qa1 the person asked about).",
     )
+    recall_lengths: list[str] = Field(
+        default_factory=list,
+        description="The training lengths the recall stage draws its batches from (each one of data.train_lengths); "
+        "empty = all of them. Long contexts make recall steps slow and add little to what the stage learns.",
+    )
     freeze: list[str] = Field(
         default_factory=list,
         description="Graft tensors held fixed during training, by name or dotted prefix (memory, injector.to_query): "
@@ -211,6 +216,9 @@ def _cross_checks(recipe: Recipe, injector_config: BaseModel) -> list[tuple[str,
                 f"needs an injector that reads the memory at every position; {recipe.injector.kind!r} as configured "
                 f"does not (set injector.direct_read: true, or train.{field}: 0)",
             ))
+    unknown = sorted(set(map(_label, recipe.train.recall_lengths)) - set(map(_label, recipe.data.train_lengths)))
+    if unknown:
+        problems.append(("train.recall_lengths", f"{unknown} are not training lengths (data.train_lengths: {recipe.data.train_lengths})"))
     return problems
 
 

@@ -31,6 +31,7 @@ from graftkit.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
+from graftkit.data.tasks import length_label
 from graftkit.errors import GraftkitError
 from graftkit.progress import bar, status
 from graftkit.protocol import HiddenCache, turn2_batch
@@ -155,7 +156,9 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
     metrics = None if resume else Metrics(run_dir / "metrics.jsonl")
     if cfg.recall_steps and not resume:  # a resumed run's checkpoint already holds what the stage trained
         show = progress and accelerator.is_main_process
-        scores = recall_stage(graft, cache, train_buckets, eval_buckets, cfg, metrics, lambda it, **kw: bar(it, disable=not show, **kw))
+        wanted = {length_label(n) for n in cfg.recall_lengths}
+        drawn = {k: v for k, v in train_buckets.items() if not wanted or length_label(k[1]) in wanted}
+        scores = recall_stage(graft, cache, drawn, eval_buckets, cfg, metrics, lambda it, **kw: bar(it, disable=not show, **kw))
         metrics.write(recall_eval={f"{t}/{l}": v for (t, l), v in scores.items()})
         print("recall stage: held-out recall accuracy " + " ".join(f"{t}/{l}={v:.1%}" for (t, l), v in scores.items()))
     if cfg.freeze:

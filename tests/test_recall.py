@@ -114,3 +114,25 @@ def test_a_recall_stage_needs_reads_at_every_position(tmp_path):
     raw["train"]["recall_steps"] = 10
     with pytest.raises(RecipeError, match=r"train.recall_steps.*reads the memory at every position.*direct_read: true"):
         validate_recipe(raw)
+
+
+def test_the_recall_stage_draws_only_from_its_lengths(tmp_path, monkeypatch):
+    import graftkit.train as train_module
+
+    drawn = []
+
+    def stage(graft, cache, train_buckets, *args, **kwargs):
+        drawn.append(sorted(train_buckets))
+        return {}
+
+    monkeypatch.setattr(train_module, "recall_stage", stage)
+    train(recipe(tmp_path, "some", steps=1, eval_every=1, recall_steps=5, recall_lengths=["0k"]), progress=False)
+    train(recipe(tmp_path, "all", steps=1, eval_every=1, recall_steps=5), progress=False)
+    assert drawn == [[("qa1", "0k")], [("qa1", "0k"), ("qa1", "1k")]]
+
+
+def test_recall_lengths_must_be_training_lengths():
+    raw = json.loads(json.dumps(RECIPE))
+    raw["train"].update(recall_steps=10, recall_lengths=["0k", "4k"])
+    with pytest.raises(RecipeError, match=r"train.recall_lengths.*\['4k'\] are not training lengths"):
+        validate_recipe(raw)

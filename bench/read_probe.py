@@ -21,20 +21,12 @@ import torch
 from binding_probe import probe
 
 
-def name_position(tokenizer, question_ids: list[int], name: str) -> int:
-    """Index of the last token of `name` in a question part ("... Where is Mary? ...")."""
-    for i in range(len(question_ids)):
-        if f"is {name}" in tokenizer.decode(question_ids[: i + 1]):
-            return i
-    raise ValueError(f"{name!r} not found in the question")
-
-
 @torch.no_grad()
 def collect(graft, samples, cache, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Reads (f d) at the name and at the last position, and the answers (f)."""
     from graftkit.protocol import question_parts, turn2_batch
+    from graftkit.recall import last_word_position
 
-    tok = graft.backbone.tokenizer
     at_name, at_last, answers = [], [], []
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
@@ -46,8 +38,7 @@ def collect(graft, samples, cache, batch_size: int = 8) -> tuple[torch.Tensor, t
         reads = graft.injector.reads[:, -width:].float()
         for row, sample in enumerate(chunk):
             _, question = question_parts(graft.backbone, sample)
-            name = sample.question.rstrip("?").split()[-1]
-            at_name.append(reads[row, width - len(question) + name_position(tok, question, name)])
+            at_name.append(reads[row, width - len(question) + last_word_position(graft.backbone, sample)])
             at_last.append(reads[row, -1])
             answers.append(sample.target)
     return torch.stack(at_name), torch.stack(at_last), answers

@@ -33,8 +33,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from read_probe import name_position
-
 
 class _Stop(Exception):
     pass
@@ -49,6 +47,7 @@ def name_states(graft, samples, batch_size: int = 16, whole: bool = False) -> di
     parts, and only up to the injector's layer."""
     from graftkit.kv_cache import cache_kwargs
     from graftkit.protocol import question_parts
+    from graftkit.recall import last_word_position
 
     backbone, tok = graft.backbone, graft.backbone.tokenizer
     grabbed = []
@@ -61,7 +60,7 @@ def name_states(graft, samples, batch_size: int = 16, whole: bool = False) -> di
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
         parts = [question_parts(backbone, s) for s in chunk]
-        where = [name_position(tok, q, s.question.rstrip("?").split()[-1]) for s, (_, q) in zip(chunk, parts)]
+        where = [last_word_position(backbone, s) for s in chunk]  # qa1: the name asked about
         width = max(len(q) for _, q in parts)
         ids = torch.tensor([q + [tok.pad_token_id] * (width - len(q)) for _, q in parts])
         mask = (torch.arange(width)[None] < torch.tensor([len(q) for _, q in parts])[:, None]).long()

@@ -27,13 +27,15 @@ from graftkit.errors import GraftkitError
 FILES = ("graft.safetensors", "optimizer.safetensors", "rng.safetensors", "trainer.json")
 
 
-def save_checkpoint(root: Path, step: int, graft, optimizer, scheduler, info: dict, keep: int = 2) -> Path:
+def save_checkpoint(root: Path, step: int, graft, optimizer, scheduler, info: dict, keep: int = 2, kept: dict | None = None) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
     tmp = root / f".step-{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_graft_tensors(graft, tmp / "graft.safetensors")
+    for name, module in (kept or {}).items():  # modules trained beside the graft but not part of it
+        save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, str(tmp / f"{name}.safetensors"))
     opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     rng = {"torch": torch.get_rng_state()}
@@ -176,9 +178,14 @@ def load_initial_tensors(graft, path) -> tuple[Path, list[str]]:
     return file, sorted(set(own) - set(tensors))
 
 
-def load_checkpoint(checkpoint: Path, graft, optimizer, scheduler) -> dict:
-    """Restore everything `save_checkpoint` wrote; returns trainer.json."""
+def load_checkpoint(checkpoint: Path, graft, optimizer, scheduler, kept: dict | None = None) -> dict:
+    """Restore everything `save_checkpoint` wrote (with the same `kept` modules); returns trainer.json."""
     info = load_graft_tensors(graft, checkpoint)
+    for name, module in (kept or {}).items():
+        path = Path(checkpoint) / f"{name}.safetensors"
+        if not path.is_file():
+            raise GraftkitError(f"--resume: {checkpoint} has no {path.name}; was the run started with other train settings?")
+        module.load_state_dict(load_file(str(path)))
     opt = _unflatten_optimizer(load_file(str(checkpoint / "optimizer.safetensors")), info["optimizer"])
     optimizer.load_state_dict(opt)
     scheduler.load_state_dict(info["scheduler"])

@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from graftkit.errors import GraftkitError
 from graftkit.protocol import question_parts, turn2_batch
@@ -77,36 +78,59 @@ def last_word_position(backbone, sample) -> int:
     raise GraftkitError(f"train.recall_query: the question {sample.question!r} is not in its own turn-2 ids")
 
 
-def last_word_logprobs(head: torch.nn.Module, reads: torch.Tensor, question: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
-    """log p(answer) (b answers) from the read at each row's question-part position `positions[i]` (left padding:
-    the question part ends the row)."""
-    lengths = question.sum(1)
-    at = torch.tensor(positions, device=reads.device) + reads.shape[1] - lengths
-    return torch.log_softmax(head(reads[torch.arange(len(positions), device=reads.device), at]), dim=-1)
+class RecallHead(nn.Module):
+    """A linear classification of the memory's reads over a question into the answers seen in training.
+
+    `query` "mixture": every question position's read is classified and the distributions mixed;
+    "last_word": only the read at the question's last word. Used by the recall stage and, with
+    `train.recall_weight`, as an auxiliary loss during the end-to-end steps.
+    """
+
+    def __init__(self, hidden_size: int, answers: Sequence[str], query: str):
+        super().__init__()
+        self.answers, self.query = list(answers), query
+        self.linear = nn.Linear(hidden_size, len(self.answers))
+        self._back: dict[str, int] = {}  # sample uid -> tokens from its last word to the end of its question part
+
+    def targets(self, samples: Sequence) -> torch.Tensor:
+        return torch.tensor([self.answers.index(s.target) for s in samples], device=self.linear.weight.device)
+
+    def backs(self, backbone, samples: Sequence) -> torch.Tensor | None:
+        """Per sample, how many tokens before the end of its question part its last word's last token is
+        (None with the mixture query, which needs none)."""
+        if self.query == "mixture":
+            return None
+        for s in samples:
+            if s.uid not in self._back:
+                self._back[s.uid] = len(question_parts(backbone, s)[1]) - last_word_position(backbone, s)
+        return torch.tensor([self._back[s.uid] for s in samples], device=self.linear.weight.device)
+
+    def forward(self, reads: torch.Tensor, question: torch.Tensor, ends: torch.Tensor, backs: torch.Tensor | None) -> torch.Tensor:
+        """log p(answer) (b answers) from the reads (b n d) at a batch's positions; `question` (b n) marks the
+        question part's tokens, `ends` (b) is the index just past each row's question part (answers may follow)."""
+        if self.query == "mixture":
+            return answer_logprobs(self.linear, reads, question)
+        rows = torch.arange(reads.shape[0], device=reads.device)
+        return torch.log_softmax(self.linear(reads[rows, ends - backs]), dim=-1)
 
 
-def recall_stage(graft, cache, train_buckets: dict, eval_buckets: dict, cfg, metrics=None, bar=None) -> dict:
+def recall_stage(graft, cache, train_buckets: dict, eval_buckets: dict, cfg, metrics=None, bar=None, head: RecallHead | None = None) -> dict:
     """Train the graft on recall alone for `cfg.recall_steps` steps; returns held-out recall accuracy per bucket.
 
     AdamW at `cfg.lr`, constant; batches drawn uniformly over the training buckets, seeded by `cfg.seed`.
+    `head`: the classification to train (None: a new one over the training answers, dropped at the end).
     `bar(iterable, **kwargs)` makes the progress bar (None: no bar)."""
-    answers = sorted({s.target for bucket in train_buckets.values() for s in bucket})
-    head = torch.nn.Linear(graft.backbone.hidden_size, len(answers)).to(graft.backbone.device)
+    if head is None:
+        answers = sorted({s.target for bucket in train_buckets.values() for s in bucket})
+        head = RecallHead(graft.backbone.hidden_size, answers, cfg.recall_query).to(graft.backbone.device)
     params = [*graft.trainable_parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    keys, window, where = sorted(train_buckets), [], {}
+    keys, window = sorted(train_buckets), []
 
     def logprobs(samples) -> torch.Tensor:
         reads, question = question_reads(graft, cache, samples)
-        if cfg.recall_query == "mixture":
-            return answer_logprobs(head, reads, question)
-        for s in samples:
-            if s.uid not in where:
-                where[s.uid] = last_word_position(graft.backbone, s)
-        return last_word_logprobs(head, reads, question, [where[s.uid] for s in samples])
-
-    def targets(samples) -> torch.Tensor:
-        return torch.tensor([answers.index(s.target) for s in samples], device=head.weight.device)
+        ends = torch.full((len(samples),), question.shape[1], device=reads.device)  # left padding: the question ends the row
+        return head(reads, question, ends, head.backs(graft.backbone, samples))
 
     steps = range(cfg.recall_steps) if bar is None else bar(range(cfg.recall_steps), desc="recall stage")
     for step in steps:
@@ -114,13 +138,13 @@ def recall_stage(graft, cache, train_buckets: dict, eval_buckets: dict, cfg, met
         bucket = train_buckets[keys[rng.integers(len(keys))]]
         samples = [bucket[i] for i in rng.choice(len(bucket), size=min(cfg.batch_size, len(bucket)), replace=False)]
         logits = logprobs(samples)
-        loss = F.nll_loss(logits, targets(samples))
+        loss = F.nll_loss(logits, head.targets(samples))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         if torch.isfinite(loss) and torch.isfinite(norm):
             optimizer.step()
-        window = (window + [(logits.argmax(-1) == targets(samples)).float().mean().item()])[-50:]
+        window = (window + [(logits.argmax(-1) == head.targets(samples)).float().mean().item()])[-50:]
         if bar is not None:
             steps.set_postfix(loss=f"{loss.item():.3f}", acc=f"{np.mean(window):.1%}")
         if metrics is not None and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.recall_steps):
@@ -129,9 +153,9 @@ def recall_stage(graft, cache, train_buckets: dict, eval_buckets: dict, cfg, met
     scores = {}
     with torch.no_grad():
         for key, bucket in eval_buckets.items():
-            seen = [s for s in bucket if s.target in answers]
+            seen = [s for s in bucket if s.target in head.answers]
             right = sum((logprobs(seen[i : i + cfg.batch_size]).argmax(-1)
-                         == targets(seen[i : i + cfg.batch_size])).sum().item() for i in range(0, len(seen), cfg.batch_size))
+                         == head.targets(seen[i : i + cfg.batch_size])).sum().item() for i in range(0, len(seen), cfg.batch_size))
             scores[key] = right / max(1, len(bucket))
     graft.injector.reads = None
     return scores

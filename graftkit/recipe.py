@@ -128,6 +128,14 @@ class TrainConfig(Strict):
         description="The training lengths the recall stage draws its batches from (each one of data.train_lengths); "
         "empty = all of them (long contexts make recall steps slow: a 4k write costs several times a 1k one).",
     )
+    recall_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of the recall loss kept on during the end-to-end steps: the recall head (the one the recall "
+        "stage trained, or a new one) goes on classifying the memory's reads of each training question the "
+        "recall_query way, so the memory keeps what the stage taught it while the rest learns to use it. Needs an "
+        "injector that reads the memory at every position (direct_read). 0 = off.",
+    )
     freeze: list[str] = Field(
         default_factory=list,
         description="Graft tensors held fixed during training, by name or dotted prefix (memory, injector.to_query): "
@@ -209,7 +217,8 @@ def _cross_checks(recipe: Recipe, injector_config: BaseModel) -> list[tuple[str,
     injector = get_plugins().registries["injector"].get(recipe.injector.kind)
     per_position = getattr(injector, "reads_each_position", None)  # third-party classes may predate it
     problems = []
-    for field, value in (("read_loss", recipe.train.read_loss), ("recall_steps", recipe.train.recall_steps)):
+    for field, value in (("read_loss", recipe.train.read_loss), ("recall_steps", recipe.train.recall_steps),
+                         ("recall_weight", recipe.train.recall_weight)):
         if value > 0 and not (per_position and per_position(injector_config)):
             problems.append((
                 f"train.{field}",

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+import torch.nn.functional as F
 from torch import nn
 
 from graftkit.api import build_graft, load_backbone
@@ -35,7 +36,7 @@ from graftkit.data.tasks import length_label
 from graftkit.errors import GraftkitError
 from graftkit.progress import bar, status
 from graftkit.protocol import HiddenCache, turn2_batch
-from graftkit.recall import recall_stage
+from graftkit.recall import RecallHead, recall_stage
 from graftkit.recipe import Recipe
 
 # updates in a row dropped for a non-finite loss or gradient before a run is declared diverged
@@ -53,18 +54,36 @@ class TrainResult:
 class TwoTurn(nn.Module):
     """Turn-1 write + turn-2 loss as one forward, so data-parallel wrappers see a single call."""
 
-    def __init__(self, graft, read_loss: float = 0.0):
+    def __init__(self, graft, read_loss: float = 0.0, recall_head: RecallHead | None = None, recall_weight: float = 0.0):
         super().__init__()
         self.graft = graft
         self.read_loss = read_loss  # weight of `read_loss` in the loss; 0 = answer loss only
+        self.recall_head = recall_head  # with recall_weight > 0: the recall loss on the same pass's reads
+        self.recall_weight = recall_weight
 
-    def forward(self, hidden, hidden_mask, input_ids, attention_mask, labels, prefix_ids=None):
+    def forward(self, hidden, hidden_mask, input_ids, attention_mask, labels, prefix_ids=None, recall_targets=None, recall_backs=None):
         state = self.graft.write_hidden(hidden, hidden_mask)
         out = self.graft(input_ids, state, attention_mask=attention_mask, labels=labels, prefix_ids=prefix_ids)
         if self.read_loss:
             out.read_loss = read_loss(self.graft, attention_mask, labels)
             out.loss = out.loss + self.read_loss * out.read_loss
+        if self.recall_weight:
+            logp = recall_logprobs(self.graft, self.recall_head, attention_mask, labels, recall_backs)
+            out.recall_loss = F.nll_loss(logp, recall_targets)
+            out.recall_acc = (logp.argmax(-1) == recall_targets).float().mean()
+            out.loss = out.loss + self.recall_weight * out.recall_loss
         return out
+
+
+def recall_logprobs(graft, head: RecallHead, attention_mask: torch.Tensor, labels: torch.Tensor, backs) -> torch.Tensor:
+    """The recall head's log p(answer) (b answers) from the reads of a training pass, whose rows end with answers."""
+    reads = graft.injector.reads
+    if reads is None:
+        raise GraftkitError("train.recall_weight: the injector recorded no per-position reads in this forward pass")
+    scored = labels != -100
+    ends = scored.int().argmax(-1)  # index of each row's first answer token: its question part ends there
+    reads = reads[:, reads.shape[1] - labels.shape[1] :].float()  # the positions of input_ids (prepended tokens first)
+    return head(reads, attention_mask.bool() & ~scored, ends, backs)
 
 
 def read_loss(graft, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -154,49 +173,58 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
     for bucket in [*train_buckets.values(), *eval_buckets.values()]:
         cache.fill(bucket, progress=progress and accelerator.is_main_process)
     metrics = None if resume else Metrics(run_dir / "metrics.jsonl")
+    head = None
+    if cfg.recall_steps or cfg.recall_weight:
+        answers = sorted({s.target for bucket in train_buckets.values() for s in bucket})
+        head = RecallHead(graft.backbone.hidden_size, answers, cfg.recall_query).to(accelerator.device)
     if cfg.recall_steps and not resume:  # a resumed run's checkpoint already holds what the stage trained
         show = progress and accelerator.is_main_process
         wanted = {length_label(n) for n in cfg.recall_lengths}
         drawn = {k: v for k, v in train_buckets.items() if not wanted or length_label(k[1]) in wanted}
-        scores = recall_stage(graft, cache, drawn, eval_buckets, cfg, metrics, lambda it, **kw: bar(it, disable=not show, **kw))
+        scores = recall_stage(graft, cache, drawn, eval_buckets, cfg, metrics, lambda it, **kw: bar(it, disable=not show, **kw), head=head)
         metrics.write(recall_eval={f"{t}/{l}": v for (t, l), v in scores.items()})
         print("recall stage: held-out recall accuracy " + " ".join(f"{t}/{l}={v:.1%}" for (t, l), v in scores.items()))
     if cfg.freeze:
         frozen = graft.freeze(cfg.freeze)
         print(f"holding {len(frozen)} graft parameters fixed ({', '.join(cfg.freeze)})")
 
-    params = graft.trainable_parameters()
+    kept = {"recall_head": head} if cfg.recall_weight else {}  # trained beside the graft, checkpointed apart from it
+    params = [*graft.trainable_parameters(), *(p for module in kept.values() for p in module.parameters())]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps))
-    model = TwoTurn(graft, cfg.read_loss)
+    model = TwoTurn(graft, cfg.read_loss, head, cfg.recall_weight)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     start, best = 0, {"accuracy": -1.0, "step": 0}
     if resume:
-        info = load_checkpoint(resolve_checkpoint(run_dir, "last"), graft, optimizer, scheduler)
+        info = load_checkpoint(resolve_checkpoint(run_dir, "last"), graft, optimizer, scheduler, kept)
         start, best = info["step"], info.get("best", best)
         print(f"resuming {run_dir} from step {start}")
         metrics = Metrics(run_dir / "metrics.jsonl", resume_from=start)
     keys = sorted(train_buckets)
     rank = accelerator.process_index
-    t0, window = time.perf_counter(), []
+    t0, window, recall_window = time.perf_counter(), [], []
     skipped, bad_run = 0, 0  # updates dropped for a non-finite loss or gradient: in all, in a row
     pbar = bar(range(start, cfg.steps), initial=start, total=cfg.steps, desc="training", disable=not (progress and accelerator.is_main_process))
     model.train()
     for step in pbar:
-        step_loss, step_read, step_acc = 0.0, 0.0, []
+        step_loss, step_read, step_recall, step_acc = 0.0, 0.0, [], []
         for micro in range(cfg.grad_accum):
             rng = np.random.default_rng([cfg.seed, step, micro, rank])
             bucket = train_buckets[keys[rng.integers(len(keys))]]
             samples = [bucket[i] for i in rng.choice(len(bucket), size=min(cfg.batch_size, len(bucket)), replace=False)]
             hidden, hidden_mask = cache.get(samples)
             batch = turn2_batch(graft.backbone, samples, with_answers=True)
+            if cfg.recall_weight:
+                batch.update(recall_targets=head.targets(samples), recall_backs=head.backs(graft.backbone, samples))
             with accelerator.autocast():
                 out = model(hidden, hidden_mask, **batch)
             accelerator.backward(out.loss / cfg.grad_accum)
             step_loss += out.loss.item() / cfg.grad_accum
             if cfg.read_loss:
                 step_read += out.read_loss.item() / cfg.grad_accum
+            if cfg.recall_weight:
+                step_recall.append((out.recall_loss.item(), out.recall_acc.item()))
             step_acc.append(answer_accuracy(out.logits.detach(), batch["labels"]))
         norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
         if all_finite(accelerator, step_loss, norm) or accelerator.scaler is not None:  # fp16's scaler skips itself
@@ -218,6 +246,9 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
         done = step + 1
         window = (window + [float(np.mean(step_acc))])[-50:]
         extra = {"read_loss": step_read} if cfg.read_loss else {}
+        if cfg.recall_weight:
+            recall_window = (recall_window + [float(np.mean([a for _, a in step_recall]))])[-50:]
+            extra.update(aux_recall_loss=float(np.mean([v for v, _ in step_recall])), aux_recall_acc=float(np.mean(recall_window)))
         pbar.set_postfix(loss=f"{step_loss:.3f}", acc=f"{np.mean(window):.1%}", **{k: f"{v:.3f}" for k, v in extra.items()})
         if done % cfg.log_every == 0 or done == cfg.steps:
             metrics.write(step=done, loss=step_loss, answer_acc=float(np.mean(window)), lr=scheduler.get_last_lr()[0],
@@ -233,7 +264,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
                 is_best = accuracy > best["accuracy"]
                 if is_best:
                     best = {"accuracy": accuracy, "step": done}
-                path = save_checkpoint(ckpt_root, done, graft, optimizer, scheduler, {"best": best, "eval": {f"{t}/{l}": v for (t, l), v in scores.items()}})
+                path = save_checkpoint(ckpt_root, done, graft, optimizer, scheduler, {"best": best, "eval": {f"{t}/{l}": v for (t, l), v in scores.items()}}, kept=kept)
                 if is_best:
                     mark_best(ckpt_root, path, accuracy)
     pbar.close()

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from graftkit.errors import RecipeError
 from graftkit.protocol import HiddenCache, turn2_batch
-from graftkit.recall import answer_logprobs, last_word_logprobs, last_word_position, question_reads
+from graftkit.recall import RecallHead, answer_logprobs, question_reads
 from graftkit.recipe import validate_recipe
 from graftkit.train import train
 from test_train import RECIPE, built_graft, recipe
@@ -68,8 +68,12 @@ def test_the_last_word_is_the_name_asked_about_wherever_the_padding_puts_it(tmp_
     width = batch["input_ids"].shape[1]
     assert len({int(n) for n in batch["attention_mask"].sum(1)}) > 1  # rows of several lengths: the padding differs
     reads = 100 * torch.eye(width).expand(len(samples), width, width)  # the read at position j says "j"
-    positions = [last_word_position(graft.backbone, s) for s in samples]
-    picked = last_word_logprobs(torch.nn.Identity(), reads, batch["attention_mask"].bool(), positions).argmax(-1)
+    head = RecallHead(width, [str(j) for j in range(width)], "last_word")
+    with torch.no_grad():  # the head passes a read's "j" on as answer j
+        head.linear.weight.copy_(torch.eye(width))
+        head.linear.bias.zero_()
+    ends = torch.full((len(samples),), width)
+    picked = head(reads, batch["attention_mask"].bool(), ends, head.backs(graft.backbone, samples)).argmax(-1)
     for sample, row, at in zip(samples, batch["input_ids"], picked.tolist()):
         name = sample.question.rstrip("?").split()[-1]
         assert name in tok.decode(row[: at + 1]) and name not in tok.decode(row[:at]), (sample.question, at)
@@ -135,4 +139,66 @@ def test_recall_lengths_must_be_training_lengths():
     raw = json.loads(json.dumps(RECIPE))
     raw["train"].update(recall_steps=10, recall_lengths=["0k", "4k"])
     with pytest.raises(RecipeError, match=r"train.recall_lengths.*\['4k'\] are not training lengths"):
+        validate_recipe(raw)
+
+
+@pytest.mark.parametrize("query", ["mixture", "last_word"])
+def test_the_recall_loss_of_a_training_pass_reads_what_the_recall_stage_reads(tmp_path, query):
+    """The same questions with their answers appended (a training row) and without (a recall-stage row): the
+    answer tokens come after the question, so the head sees the same reads and gives the same distribution."""
+    from graftkit.data.babilong import build_babilong
+    from graftkit.train import recall_logprobs
+
+    graft = built_graft(tmp_path, {"kind": "mid_layer", "layer": 0, "direct_read": True})
+    samples = build_babilong("qa1", "train", "0k", 6, seed=0, tokenizer=graft.backbone.tokenizer)
+    head = RecallHead(graft.backbone.hidden_size, sorted({s.target for s in samples}), query)
+    cache = HiddenCache(graft, None)
+    with torch.no_grad():
+        reads, question = question_reads(graft, cache, samples)
+        ends = torch.full((len(samples),), question.shape[1])
+        alone = head(reads, question, ends, head.backs(graft.backbone, samples))
+        batch = turn2_batch(graft.backbone, samples, with_answers=True)
+        assert len({int(n) for n in (batch["labels"] != -100).sum(1)}) > 1  # answers of several lengths
+        graft(batch["input_ids"], graft.write_hidden(*cache.get(samples)), attention_mask=batch["attention_mask"],
+              labels=batch["labels"], prefix_ids=batch["prefix_ids"])
+        trained = recall_logprobs(graft, head, batch["attention_mask"], batch["labels"], head.backs(graft.backbone, samples))
+    torch.testing.assert_close(trained, alone)
+
+
+def test_recall_weight_keeps_the_recall_head_training_and_resumes_it(tmp_path, monkeypatch):
+    import graftkit.train as train_module
+
+    settings = dict(steps=3, eval_every=1, recall_steps=2, recall_weight=0.5, recall_query="last_word")
+    straight = train(recipe(tmp_path, "straight", **settings), progress=False).run_dir
+    lines = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in lines if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert all(r["aux_recall_loss"] > 0 and 0 <= r["aux_recall_acc"] <= 1 for r in steps)
+    heads = [load_file(str(straight / "checkpoints" / f"step-00000{n}" / "recall_head.safetensors")) for n in (2, 3)]
+    assert any(not torch.equal(heads[0][k], heads[1][k]) for k in heads[0])  # the head goes on learning
+    # stopped after step 2 and resumed: the same head and graft at step 3 as the straight run
+    real, calls = train_module.answer_accuracy, []
+
+    def crash_on_third_step(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(train_module, "answer_accuracy", crash_on_third_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe(tmp_path, "resumed", **settings), progress=False)
+    monkeypatch.setattr(train_module, "answer_accuracy", real)
+    resumed = train(recipe(tmp_path, "resumed", **settings), resume=True, progress=False).run_dir
+    for name in ("recall_head.safetensors", "graft.safetensors"):
+        want = load_file(str(straight / "checkpoints" / "step-000003" / name))
+        got = load_file(str(resumed / "checkpoints" / "step-000003" / name))
+        assert all(torch.allclose(got[k], want[k], atol=1e-6) for k in want), name
+
+
+def test_a_recall_weight_needs_reads_at_every_position():
+    raw = json.loads(json.dumps(RECIPE))
+    raw["injector"] = {"kind": "mid_layer", "layer": 0}
+    raw["train"]["recall_weight"] = 0.5
+    with pytest.raises(RecipeError, match=r"train.recall_weight.*reads the memory at every position"):
         validate_recipe(raw)

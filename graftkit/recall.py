@@ -7,9 +7,10 @@ the stage's own: with `train.recall_query: mixture` (default) every question pos
 scored by the mixture of their distributions; with `last_word` only the read at the question's last
 word (in qa1 the person asked about), which learns recall much better on qa1 (BENCHMARKS.md). The loss
 reaches the memory and the injector's query projection only, not the frozen layers and not the LM
-head, where the end-to-end signal is weak. The head is dropped when the stage ends; the end-to-end
-steps start from the memory it trained (`train.freeze` can hold it there). Needs an injector that
-reads at every position (`reads_each_position`, e.g. mid_layer with direct_read).
+head, where the end-to-end signal is weak. The end-to-end steps start from the memory it trained
+(`train.freeze` can hold it there); with `train.recall_weight` > 0 the head (`RecallHead`) goes on
+classifying the reads of every training pass, as an auxiliary loss, otherwise it is dropped. Needs an
+injector that reads at every position (`reads_each_position`, e.g. mid_layer with direct_read).
 
 Legend: b batch, n tokens, d hidden size.
 """

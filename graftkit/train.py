@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 import torch.nn.functional as F
+import yaml
 from torch import nn
 
 from graftkit.api import build_graft, load_backbone
@@ -192,7 +192,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
     params = [*graft.trainable_parameters(), *(p for module in kept.values() for p in module.parameters())]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps))
-    model = TwoTurn(graft, cfg.read_loss, head, cfg.recall_weight)
+    model = TwoTurn(graft, cfg.read_loss, kept.get("recall_head"), cfg.recall_weight)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     start, best = 0, {"accuracy": -1.0, "step": 0}

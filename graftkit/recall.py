@@ -54,11 +54,17 @@ def question_reads(graft, cache, samples: Sequence) -> tuple[torch.Tensor, torch
     finally:
         for handle in handles:
             handle.remove()
+    mask = batch["attention_mask"].bool()
+    return input_reads(graft, mask.shape[1], "train.recall_steps").float(), mask
+
+
+def input_reads(graft, width: int, field: str) -> torch.Tensor:
+    """The injector's reads (b width d) in the last forward pass at the positions of its `width` input ids (the
+    tokens an injector prepends dropped); an error naming `field` if the injector recorded none."""
     reads = graft.injector.reads
     if reads is None:
-        raise GraftkitError("train.recall_steps: the injector recorded no per-position reads in this forward pass")
-    mask = batch["attention_mask"].bool()
-    return reads[:, reads.shape[1] - mask.shape[1] :].float(), mask  # the positions of input_ids (prepended tokens first)
+        raise GraftkitError(f"{field}: the injector recorded no per-position reads in this forward pass")
+    return reads[:, reads.shape[1] - width :]
 
 
 def answer_logprobs(head: torch.nn.Module, reads: torch.Tensor, question: torch.Tensor) -> torch.Tensor:
@@ -115,15 +121,12 @@ class RecallHead(nn.Module):
         return torch.log_softmax(self.linear(reads[rows, ends - backs]), dim=-1)
 
 
-def recall_stage(graft, cache, train_buckets: dict, eval_buckets: dict, cfg, metrics=None, bar=None, head: RecallHead | None = None) -> dict:
+def recall_stage(graft, cache, head: RecallHead, train_buckets: dict, eval_buckets: dict, cfg, metrics=None, bar=None) -> dict:
     """Train the graft on recall alone for `cfg.recall_steps` steps; returns held-out recall accuracy per bucket.
 
     AdamW at `cfg.lr`, constant; batches drawn uniformly over the training buckets, seeded by `cfg.seed`.
-    `head`: the classification to train (None: a new one over the training answers, dropped at the end).
-    `bar(iterable, **kwargs)` makes the progress bar (None: no bar)."""
-    if head is None:
-        answers = sorted({s.target for bucket in train_buckets.values() for s in bucket})
-        head = RecallHead(graft.backbone.hidden_size, answers, cfg.recall_query).to(graft.backbone.device)
+    `head` is the classification trained with the graft. `bar(iterable, **kwargs)` makes the progress bar
+    (None: no bar)."""
     params = [*graft.trainable_parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     keys, window = sorted(train_buckets), []

@@ -36,7 +36,7 @@ from graftkit.data.tasks import length_label
 from graftkit.errors import GraftkitError
 from graftkit.progress import bar, status
 from graftkit.protocol import HiddenCache, turn2_batch
-from graftkit.recall import RecallHead, recall_stage
+from graftkit.recall import RecallHead, input_reads, recall_stage
 from graftkit.recipe import Recipe
 
 # updates in a row dropped for a non-finite loss or gradient before a run is declared diverged
@@ -77,12 +77,9 @@ class TwoTurn(nn.Module):
 
 def recall_logprobs(graft, head: RecallHead, attention_mask: torch.Tensor, labels: torch.Tensor, backs) -> torch.Tensor:
     """The recall head's log p(answer) (b answers) from the reads of a training pass, whose rows end with answers."""
-    reads = graft.injector.reads
-    if reads is None:
-        raise GraftkitError("train.recall_weight: the injector recorded no per-position reads in this forward pass")
+    reads = input_reads(graft, labels.shape[1], "train.recall_weight").float()
     scored = labels != -100
     ends = scored.int().argmax(-1)  # index of each row's first answer token: its question part ends there
-    reads = reads[:, reads.shape[1] - labels.shape[1] :].float()  # the positions of input_ids (prepended tokens first)
     return head(reads, attention_mask.bool() & ~scored, ends, backs)
 
 
@@ -95,10 +92,7 @@ def read_loss(graft, attention_mask: torch.Tensor, labels: torch.Tensor) -> torc
     suffices: typically the name asked about. It reaches the memory without passing through the frozen
     layers, where the answer loss's signal is weak.
     """
-    reads = graft.injector.reads
-    if reads is None:
-        raise GraftkitError("train.read_loss: the injector recorded no per-position reads in this forward pass")
-    reads = reads[:, reads.shape[1] - labels.shape[1] :]  # the positions of input_ids (prepended tokens first)
+    reads = input_reads(graft, labels.shape[1], "train.read_loss")
     scored = labels != -100
     first = scored.int().argmax(-1)  # rows end with their answers: index of the first answer token
     rows = torch.arange(labels.shape[0], device=labels.device)
@@ -181,7 +175,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
         show = progress and accelerator.is_main_process
         wanted = {length_label(n) for n in cfg.recall_lengths}
         drawn = {k: v for k, v in train_buckets.items() if not wanted or length_label(k[1]) in wanted}
-        scores = recall_stage(graft, cache, drawn, eval_buckets, cfg, metrics, lambda it, **kw: bar(it, disable=not show, **kw), head=head)
+        scores = recall_stage(graft, cache, head, drawn, eval_buckets, cfg, metrics, lambda it, **kw: bar(it, disable=not show, **kw))
         metrics.write(recall_eval={f"{t}/{l}": v for (t, l), v in scores.items()})
         print("recall stage: held-out recall accuracy " + " ".join(f"{t}/{l}={v:.1%}" for (t, l), v in scores.items()))
     if cfg.freeze:

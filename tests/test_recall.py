@@ -125,7 +125,7 @@ def test_the_recall_stage_draws_only_from_its_lengths(tmp_path, monkeypatch):
 
     drawn = []
 
-    def stage(graft, cache, train_buckets, *args, **kwargs):
+    def stage(graft, cache, head, train_buckets, *args, **kwargs):
         drawn.append(sorted(train_buckets))
         return {}
 

@@ -185,7 +185,10 @@ def load_checkpoint(checkpoint: Path, graft, optimizer, scheduler, kept: dict | 
         path = Path(checkpoint) / f"{name}.safetensors"
         if not path.is_file():
             raise GraftkitError(f"--resume: {checkpoint} has no {path.name}; was the run started with other train settings?")
-        module.load_state_dict(load_file(str(path)))
+        try:
+            module.load_state_dict(load_file(str(path)))
+        except (RuntimeError, SafetensorError) as exc:  # e.g. a head over other answers: the data changed since
+            raise GraftkitError(f"--resume: {path} does not fit this run ({str(exc).splitlines()[0]})") from None
     opt = _unflatten_optimizer(load_file(str(checkpoint / "optimizer.safetensors")), info["optimizer"])
     optimizer.load_state_dict(opt)
     scheduler.load_state_dict(info["scheduler"])

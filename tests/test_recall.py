@@ -202,3 +202,19 @@ def test_a_recall_weight_needs_reads_at_every_position():
     raw["train"]["recall_weight"] = 0.5
     with pytest.raises(RecipeError, match=r"train.recall_weight.*reads the memory at every position"):
         validate_recipe(raw)
+
+
+def test_resuming_with_a_recall_head_that_does_not_fit_names_the_file(tmp_path):
+    from safetensors.torch import save_file
+
+    from graftkit.errors import GraftkitError
+
+    full = recipe(tmp_path, "run", steps=2, eval_every=1, recall_weight=0.5)
+    run = train(full.model_copy(update={"train": full.train.model_copy(update={"steps": 1})}), progress=False).run_dir
+    head_file = run / "checkpoints" / "step-000001" / "recall_head.safetensors"
+    save_file({"linear.weight": torch.zeros(2, 3), "linear.bias": torch.zeros(2)}, str(head_file))
+    with pytest.raises(GraftkitError, match=r"--resume: .*recall_head.safetensors does not fit this run"):
+        train(full, resume=True, progress=False)
+    head_file.unlink()
+    with pytest.raises(GraftkitError, match=r"--resume: .* has no recall_head.safetensors"):
+        train(full, resume=True, progress=False)

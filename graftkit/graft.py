@@ -124,6 +124,13 @@ class Graft(nn.Module):
             hidden = self.write_norm(hidden.float())
         return self.memory.write(hidden.to(self.memory_dtype), state, mask)
 
+    def write_strengths(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The memory's per-token write strengths (b n heads) for hidden states `write_hidden` would write;
+        None if the memory has no per-token write gates."""
+        if self.write_norm is not None:
+            hidden = self.write_norm(hidden.float())
+        return self.memory.write_strengths(hidden.to(self.memory_dtype))
+
     def memorize(
         self,
         texts: str | Sequence[str] | None = None,

@@ -85,6 +85,11 @@ class Memory(nn.Module):
         self._check(q, state, "read")
         return self._read(q, state)
 
+    def write_strengths(self, x: torch.Tensor) -> torch.Tensor | None:
+        """How strongly each token of `x` (b n d, as `write` gets it) is written, per head: (b n heads) in
+        [0, 1]. None for a memory without per-token write gates. `train.write_cost` penalises their sum."""
+        return None
+
     # -- for subclasses --------------------------------------------------------------------------
     def _init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         raise NotImplementedError

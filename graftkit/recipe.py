@@ -136,6 +136,14 @@ class TrainConfig(Strict):
         "recall_query way, so the memory keeps what the stage taught it while the rest learns to use it. Needs an "
         "injector that reads the memory at every position (direct_read). 0 = off.",
     )
+    write_cost: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of a cost on writing during the end-to-end steps: the memory's write mass (its per-token "
+        "write strengths summed over each context, averaged over rows and heads; a token written at full strength "
+        "counts 1) times this weight is added to the loss, so the memory learns to write only what answers need and "
+        "a longer context wears it less. Needs a memory with per-token write strengths (linear: β; titans: θ). 0 = off.",
+    )
     freeze: list[str] = Field(
         default_factory=list,
         description="Graft tensors held fixed during training, by name or dotted prefix (memory, injector.to_query): "
@@ -210,6 +218,13 @@ def validate_recipe(raw: dict, overrides: Iterable[str] = (), source: str | None
     return recipe
 
 
+def writes_with_strengths(memory_class) -> bool:
+    """Whether a memory class reports per-token write strengths (overrides `Memory.write_strengths`)."""
+    from graftkit.memory import Memory
+
+    return getattr(memory_class, "write_strengths", Memory.write_strengths) is not Memory.write_strengths
+
+
 def _cross_checks(recipe: Recipe, injector_config: BaseModel) -> list[tuple[str, str]]:
     """Problems that involve more than one block."""
     from graftkit.plugins import get_plugins
@@ -225,6 +240,9 @@ def _cross_checks(recipe: Recipe, injector_config: BaseModel) -> list[tuple[str,
                 f"needs an injector that reads the memory at every position; {recipe.injector.kind!r} as configured "
                 f"does not (set injector.direct_read: true, or train.{field}: 0)",
             ))
+    if recipe.train.write_cost > 0 and not writes_with_strengths(get_plugins().registries["memory"].get(recipe.memory.kind)):
+        problems.append(("train.write_cost", f"memory {recipe.memory.kind!r} has no per-token write strengths to put a "
+                         "cost on (linear and titans have; set train.write_cost: 0)"))
     unknown = sorted(set(map(_label, recipe.train.recall_lengths)) - set(map(_label, recipe.data.train_lengths)))
     if unknown:
         problems.append(("train.recall_lengths", f"{unknown} are not training lengths (data.train_lengths: {recipe.data.train_lengths})"))

@@ -54,12 +54,14 @@ class TrainResult:
 class TwoTurn(nn.Module):
     """Turn-1 write + turn-2 loss as one forward, so data-parallel wrappers see a single call."""
 
-    def __init__(self, graft, read_loss: float = 0.0, recall_head: RecallHead | None = None, recall_weight: float = 0.0):
+    def __init__(self, graft, read_loss: float = 0.0, recall_head: RecallHead | None = None, recall_weight: float = 0.0,
+                 write_cost: float = 0.0):
         super().__init__()
         self.graft = graft
         self.read_loss = read_loss  # weight of `read_loss` in the loss; 0 = answer loss only
         self.recall_head = recall_head  # with recall_weight > 0: the recall loss on the same pass's reads
         self.recall_weight = recall_weight
+        self.write_cost = write_cost  # weight of the write mass (`write_mass`) in the loss; 0 = off
 
     def forward(self, hidden, hidden_mask, input_ids, attention_mask, labels, prefix_ids=None, recall_targets=None, recall_backs=None):
         state = self.graft.write_hidden(hidden, hidden_mask)
@@ -72,7 +74,16 @@ class TwoTurn(nn.Module):
             out.recall_loss = F.nll_loss(logp, recall_targets)
             out.recall_acc = (logp.argmax(-1) == recall_targets).float().mean()
             out.loss = out.loss + self.recall_weight * out.recall_loss
+        if self.write_cost:
+            out.write_mass = write_mass(self.graft, hidden, hidden_mask)
+            out.loss = out.loss + self.write_cost * out.write_mass
         return out
+
+
+def write_mass(graft, hidden: torch.Tensor, hidden_mask: torch.Tensor) -> torch.Tensor:
+    """The memory's write strengths summed over each context's written tokens, averaged over rows and heads."""
+    strengths = graft.write_strengths(hidden)  # b n heads
+    return (strengths * hidden_mask[..., None].to(strengths.dtype)).sum(1).mean()
 
 
 def recall_logprobs(graft, head: RecallHead, attention_mask: torch.Tensor, labels: torch.Tensor, backs) -> torch.Tensor:
@@ -186,7 +197,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
     params = [*graft.trainable_parameters(), *(p for module in kept.values() for p in module.parameters())]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps))
-    model = TwoTurn(graft, cfg.read_loss, kept.get("recall_head"), cfg.recall_weight)
+    model = TwoTurn(graft, cfg.read_loss, kept.get("recall_head"), cfg.recall_weight, cfg.write_cost)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     start, best = 0, {"accuracy": -1.0, "step": 0}
@@ -202,7 +213,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
     pbar = bar(range(start, cfg.steps), initial=start, total=cfg.steps, desc="training", disable=not (progress and accelerator.is_main_process))
     model.train()
     for step in pbar:
-        step_loss, step_read, step_recall, step_acc = 0.0, 0.0, [], []
+        step_loss, step_read, step_mass, step_recall, step_acc = 0.0, 0.0, 0.0, [], []
         for micro in range(cfg.grad_accum):
             rng = np.random.default_rng([cfg.seed, step, micro, rank])
             bucket = train_buckets[keys[rng.integers(len(keys))]]
@@ -217,6 +228,8 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
             step_loss += out.loss.item() / cfg.grad_accum
             if cfg.read_loss:
                 step_read += out.read_loss.item() / cfg.grad_accum
+            if cfg.write_cost:
+                step_mass += out.write_mass.item() / cfg.grad_accum
             if cfg.recall_weight:
                 step_recall.append((out.recall_loss.item(), out.recall_acc.item()))
             step_acc.append(answer_accuracy(out.logits.detach(), batch["labels"]))
@@ -240,6 +253,8 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
         done = step + 1
         window = (window + [float(np.mean(step_acc))])[-50:]
         extra = {"read_loss": step_read} if cfg.read_loss else {}
+        if cfg.write_cost:
+            extra["write_mass"] = step_mass
         if cfg.recall_weight:
             recall_window = (recall_window + [float(np.mean([a for _, a in step_recall]))])[-50:]
             extra.update(aux_recall_loss=float(np.mean([v for v, _ in step_recall])), aux_recall_acc=float(np.mean(recall_window)))

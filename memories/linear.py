@@ -143,6 +143,10 @@ class LinearMemory(Memory):
             w = torch.addcmul(torch.matmul(u.mT, chunk_end_keys), chunk_last, w)
         return state.replace(w=rearrange(w, "(b h) o i -> b h o i", h=heads), **carried)
 
+    def write_strengths(self, x: torch.Tensor) -> torch.Tensor:
+        """β (b n h): the per-token write strengths `_write` uses (before masking)."""
+        return torch.sigmoid(self.to_beta(x))
+
     def _read(self, q: torch.Tensor, state: MemoryState) -> torch.Tensor:
         heads = self.config.heads
         queries = F.normalize(rearrange(self.to_queries(q), "b m (h e) -> b h m e", h=heads), dim=-1)

@@ -15,7 +15,7 @@ Legend: b batch, n tokens, k memory tokens, d hidden size.
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from graftkit.injector import InjectorConfig, state_dtype, hook_output, replace_output
@@ -43,7 +43,11 @@ class MidLayer(MemoryTokenInjector):
             "whose output receives the memory; default: the middle one, num_layers // 2.",
         )
         num_tokens: int = Field(
-            16, ge=1, le=1024, description="Memory tokens read by learned queries, attended to by every position."
+            16,
+            ge=0,
+            le=1024,
+            description="Memory tokens read by learned queries, attended to by every position; 0 (only with "
+            "direct_read) leaves each position its own read alone, so what it gets is what its own query recalls.",
         )
         heads: int = Field(8, ge=1, le=64, description=HEADS_HELP)
         dim_head: int = Field(64, ge=4, le=512, description=DIM_HEAD_HELP)
@@ -54,6 +58,12 @@ class MidLayer(MemoryTokenInjector):
             description="Also read the memory once per token, queried with a projection of the token's hidden state "
             "at this layer, and attend to that read as one more key/value next to the memory tokens.",
         )
+
+        @model_validator(mode="after")
+        def _tokens_or_own_read(self):
+            if self.num_tokens == 0 and not self.direct_read:
+                raise ValueError("num_tokens: 0 needs direct_read: true (otherwise there is nothing to attend to)")
+            return self
 
     config: Config
 

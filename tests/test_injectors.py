@@ -245,6 +245,7 @@ VARIANTS = [
     ("layer0_soft_prompt", {"direct_read": False}),
     ("layer0_soft_prompt", {"gate": "channel"}),
     ("mid_layer", {"direct_read": True, "gate": "token", "layer": 0}),
+    ("mid_layer", {"direct_read": True, "num_tokens": 0, "layer": 0}),
     ("multi_layer_xattn", {"gate": "channel", "layers": [-1]}),
 ]
 
@@ -339,6 +340,7 @@ def test_backbone_dependent_mistakes_are_messages(injector, options, message):
         ("multi_layer_xattn", {"layers": []}, "injector.layers"),
         ("mid_layer", {"gate": "vector"}, "injector.gate"),
         ("layer0_soft_prompt", {"num_tokens": 0}, "injector.num_tokens"),
+        ("mid_layer", {"num_tokens": 0}, "injector"),  # only with direct_read: the message names both fields
         ("layer0_soft_prompt", {"num_token": 8}, "injector.num_token"),
     ],
 )

@@ -1,0 +1,81 @@
+"""How much a trained graft's memory writes: per-token write strengths summed over BABILong test contexts.
+
+For each length: the write mass per head (the strengths summed over a context, averaged over contexts;
+a token written at full strength counts 1), how many tokens each head writes at strength ≥ 0.5, and
+the mean strength on the qa1 fact tokens against the background tokens. This is the quantity
+`train.write_cost` puts a cost on; with a memory that never forgets (linear, `decay: false`) it is
+what a long context wears the stored facts with. Turn-1 states come from the hidden-state cache when
+`graftkit eval` has filled it, else from the backbone.
+
+    python bench/write_mass.py RUN_DIR [--checkpoint best] [--lengths 1k,4k,16k] [--n 10] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+
+def fact_tokens(tokenizer, sample, n_tokens: int) -> np.ndarray:
+    """Which of the context's first `n_tokens` tokens lie wholly inside one of its facts."""
+    offsets = tokenizer(sample.context, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"][:n_tokens]
+    inside = np.zeros(n_tokens, dtype=bool)
+    for fact in sample.facts:
+        start = sample.context.find(fact)
+        if start >= 0:
+            end = start + len(fact)
+            inside[: len(offsets)] |= np.array([a >= start and b <= end for a, b in offsets], dtype=bool)
+    return inside
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir")
+    parser.add_argument("--checkpoint", default="best", help="best, last, or a step number")
+    parser.add_argument("--lengths", default="1k,4k,16k")
+    parser.add_argument("--n", type=int, default=10, help="test contexts per length")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from graftkit.api import build_graft
+    from graftkit.checkpoint import load_graft_tensors, resolve_checkpoint
+    from graftkit.data.babilong import build_babilong
+    from graftkit.evaluate import EVAL_SEED_OFFSET
+    from graftkit.protocol import HiddenCache
+    from graftkit.recipe import load_recipe
+
+    recipe = load_recipe(f"{args.run_dir}/recipe.yaml")
+    graft = build_graft(recipe, calibrate=False)
+    checkpoint = resolve_checkpoint(args.run_dir, args.checkpoint)
+    load_graft_tensors(graft, checkpoint)
+    if graft.write_strengths(torch.zeros(1, 1, graft.backbone.hidden_size)) is None:
+        raise SystemExit(f"memory {recipe.memory.kind!r} reports no per-token write strengths")
+    cache = HiddenCache(graft, "auto")
+    tokenizer = graft.backbone.tokenizer
+    print(f"{args.run_dir} ({checkpoint.name}), memory {recipe.memory.kind}, n = {args.n} per length")
+    for length in args.lengths.split(","):
+        samples = build_babilong(recipe.data.tasks[0], "test", length, args.n, seed=recipe.data.seed + EVAL_SEED_OFFSET,
+                                 tokenizer=tokenizer, books=recipe.data.books, babi_dir=recipe.data.babi_dir)
+        masses, strong, on_facts, off_facts = [], [], [], []
+        for sample in samples:
+            with torch.no_grad():
+                hidden, mask = cache.get([sample]) if cache.has(sample) else (graft.context_hidden(*graft.tokenize_context([sample.context])), None)
+                strengths = graft.write_strengths(hidden)[0].float().numpy()  # n heads
+            masses.append(strengths.sum(0))
+            strong.append((strengths >= 0.5).sum(0))
+            facts = fact_tokens(tokenizer, sample, strengths.shape[0])
+            if facts.any() and (~facts).any():
+                on_facts.append(strengths[facts].mean())
+                off_facts.append(strengths[~facts].mean())
+        per_head = np.mean(masses, 0)
+        print(f"{length:>4}: write mass {per_head.mean():7.1f} per head  [{' '.join(f'{m:.1f}' for m in per_head)}]")
+        print(f"      tokens written at >= 0.5 per head [{' '.join(f'{c:.0f}' for c in np.mean(strong, 0))}]; "
+              f"mean strength on fact tokens {np.mean(on_facts):.3f}, on background {np.mean(off_facts):.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -46,13 +46,13 @@ def main() -> None:
     from graftkit.data.babilong import build_babilong
     from graftkit.evaluate import EVAL_SEED_OFFSET
     from graftkit.protocol import HiddenCache
-    from graftkit.recipe import load_recipe
+    from graftkit.recipe import load_recipe, writes_with_strengths
 
     recipe = load_recipe(f"{args.run_dir}/recipe.yaml")
     graft = build_graft(recipe, calibrate=False)
     checkpoint = resolve_checkpoint(args.run_dir, args.checkpoint)
     load_graft_tensors(graft, checkpoint)
-    if graft.write_strengths(torch.zeros(1, 1, graft.backbone.hidden_size)) is None:
+    if not writes_with_strengths(type(graft.memory)):
         raise SystemExit(f"memory {recipe.memory.kind!r} reports no per-token write strengths")
     cache = HiddenCache(graft, "auto")
     tokenizer = graft.backbone.tokenizer

@@ -109,7 +109,7 @@ class LinearMemory(Memory):
         if mask is not None:
             keep[:, : mask.shape[1]] = mask.to(x.dtype)
         keep = rearrange(keep, "b (k c) -> k b c", c=size)
-        beta = rearrange(torch.sigmoid(self.to_beta(x)), "b (k c) h -> k (b h) c", c=size) * repeat(
+        beta = rearrange(self.write_strengths(x), "b (k c) h -> k (b h) c", c=size) * repeat(
             keep, "k b c -> k (b h) c", h=heads
         )
         if self.to_decay is None:

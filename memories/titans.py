@@ -262,12 +262,12 @@ class TitansMemory(Memory):
         predicted = functional_call(self.mlp, params, (keys,))
         return ((predicted - values).square().sum(-1) * (0.5 * weights)).sum()
 
-    # -- read ------------------------------------------------------------------------------------
     def write_strengths(self, x: torch.Tensor) -> torch.Tensor:
         """θ_t / max_lr (b n h): each token's inner learning rate as a fraction of its bound (before step_cap)."""
         heads = self.config.heads
         return torch.sigmoid(F.linear(x, self.to_gates.weight[:heads], self.to_gates.bias[:heads]))
 
+    # -- read ------------------------------------------------------------------------------------
     def _read(self, q: torch.Tensor, state: MemoryState) -> torch.Tensor:
         heads = self.config.heads
         queries = F.normalize(rearrange(self.to_queries(q), "b m (h e) -> (b h) m e", h=heads), dim=-1)

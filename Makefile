@@ -1,8 +1,8 @@
 # Set-up is part of every target: a fresh machine needs only python3 (3.11), make and the package registry.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-RECIPE ?= recipes/smollm2_titans_layer0.yaml
-RUN ?= runs/smollm2_titans_layer0
+RECIPE ?= recipes/smollm2_linear_mid_layer.yaml
+RUN ?= runs/smollm2_linear_mid_layer
 
 .PHONY: setup train eval test bench
 

@@ -82,7 +82,8 @@ def test_cli_validate_accepts_shipped_recipe(path, capsys):
     assert out.startswith(f"{path}: ok"), out
 
 
-SECOND_RUNS = [p for p in RECIPES if graftkit.load_recipe(p).train.init_from]
+LOADED = {p: graftkit.load_recipe(p) for p in RECIPES}
+SECOND_RUNS = [p for p, recipe in LOADED.items() if recipe.train.init_from]
 
 
 def test_some_shipped_recipes_are_second_runs():
@@ -93,8 +94,8 @@ def test_some_shipped_recipes_are_second_runs():
 def test_a_second_run_starts_from_a_shipped_recipe_with_the_same_graft(path):
     """`train.init_from: runs/X` must name the output of a shipped recipe whose graft has the same
     components and options, so its tensors load whole; and the same data, so its cache serves."""
-    second = graftkit.load_recipe(path)
-    firsts = [graftkit.load_recipe(p) for p in RECIPES if graftkit.load_recipe(p).output_dir == second.train.init_from]
+    second = LOADED[path]
+    firsts = [recipe for recipe in LOADED.values() if recipe.output_dir == second.train.init_from]
     assert len(firsts) == 1, f"{path.name}: init_from {second.train.init_from} is the output of {len(firsts)} recipes"
     first = firsts[0]
     for block in ("backbone", "memory", "injector"):

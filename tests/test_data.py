@@ -11,7 +11,9 @@ import json
 import lzma
 import subprocess
 import sys
+import shutil
 import textwrap
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -392,6 +394,33 @@ def test_vendored_files_match_the_manifest_and_carry_their_notice():
     for needed in ("CC BY 3.0", "Facebook", "public domain", "Apache", "Weston", "Kuratov", "vendor_build"):
         assert needed in notice
     assert "Attribution 3.0" in (folder / "babi" / "LICENSE.txt").read_text()
+
+
+@pytest.mark.slow
+def test_the_built_wheel_carries_every_module_and_vendored_file(tmp_path):
+    """A user who installs the wheel gets every module and the data: each file the manifest lists, and its notices."""
+    repo, source = Path(__file__).resolve().parents[1], tmp_path / "source"
+    # a copy, so the build neither writes into the checkout nor picks up a stale build/ folder there
+    for folder in ("graftkit", "backbones", "memories", "injectors"):
+        shutil.copytree(repo / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(repo / name, source / name)
+    result = subprocess.run(
+        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path), str(source)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "absent from the `packages` configuration" not in result.stdout + result.stderr
+    (wheel,) = tmp_path.glob("graftkit-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+    manifest = json.loads((vendor_dir() / "MANIFEST.json").read_text())
+    expected = {f"graftkit/data/vendor/{e['file']}" for e in manifest["files"]}
+    expected |= {f"graftkit/data/vendor/{name}" for name in ("MANIFEST.json", "NOTICE.md", "babi/LICENSE.txt")}
+    for folder, package in (("graftkit", "graftkit"), ("backbones", "graftkit/backbones"),
+                            ("memories", "graftkit/memories"), ("injectors", "graftkit/injectors")):
+        expected |= {f"{package}/{p.relative_to(repo / folder).as_posix()}" for p in (repo / folder).rglob("*.py")}
+    assert expected <= names, sorted(expected - names)
 
 
 def test_vendored_books_have_no_gutenberg_boilerplate():

@@ -9,9 +9,9 @@ import hashlib
 import inspect
 import json
 import lzma
+import shutil
 import subprocess
 import sys
-import shutil
 import textwrap
 import zipfile
 from pathlib import Path

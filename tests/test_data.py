@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -400,8 +401,11 @@ def test_vendored_files_match_the_manifest_and_carry_their_notice():
 def test_the_built_wheel_carries_every_module_and_vendored_file(tmp_path):
     """A user who installs the wheel gets every module and the data: each file the manifest lists, and its notices."""
     repo, source = Path(__file__).resolve().parents[1], tmp_path / "source"
+    setuptools_config = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]
+    # the source folder of each top-level package, as pyproject.toml maps them (graftkit.memories <- memories/)
+    folders = {"graftkit": "graftkit", **setuptools_config["package-dir"]}
     # a copy, so the build neither writes into the checkout nor picks up a stale build/ folder there
-    for folder in ("graftkit", "backbones", "memories", "injectors"):
+    for folder in folders.values():
         shutil.copytree(repo / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(repo / name, source / name)
@@ -417,9 +421,9 @@ def test_the_built_wheel_carries_every_module_and_vendored_file(tmp_path):
     manifest = json.loads((vendor_dir() / "MANIFEST.json").read_text())
     expected = {f"graftkit/data/vendor/{e['file']}" for e in manifest["files"]}
     expected |= {f"graftkit/data/vendor/{name}" for name in ("MANIFEST.json", "NOTICE.md", "babi/LICENSE.txt")}
-    for folder, package in (("graftkit", "graftkit"), ("backbones", "graftkit/backbones"),
-                            ("memories", "graftkit/memories"), ("injectors", "graftkit/injectors")):
-        expected |= {f"{package}/{p.relative_to(repo / folder).as_posix()}" for p in (repo / folder).rglob("*.py")}
+    for package, folder in folders.items():
+        prefix = package.replace(".", "/")
+        expected |= {f"{prefix}/{p.relative_to(repo / folder).as_posix()}" for p in (repo / folder).rglob("*.py")}
     assert expected <= names, sorted(expected - names)
 
 

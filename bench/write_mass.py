@@ -7,7 +7,10 @@ the mean strength on the qa1 fact tokens against the background tokens. This is 
 what a long context wears the stored facts with. Turn-1 states come from the hidden-state cache when
 `graftkit eval` has filled it, else from the backbone.
 
-    python bench/write_mass.py RUN_DIR [--checkpoint best] [--lengths 1k,4k,16k] [--n 10] [--threads N]
+    python bench/write_mass.py RUN_DIR [key=value ...] [--checkpoint best] [--lengths 1k,4k,16k] [--n 10] [--threads N]
+
+`key=value` change the run's recipe for this measurement, as with `graftkit eval` (e.g.
+`memory.write_floor=0.5`: the strengths are then the floored ones the memory writes with).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ def fact_tokens(tokenizer, sample, n_tokens: int) -> np.ndarray:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
     parser.add_argument("--checkpoint", default="best", help="best, last, or a step number")
     parser.add_argument("--lengths", default="1k,4k,16k")
     parser.add_argument("--n", type=int, default=10, help="test contexts per length")
@@ -48,15 +52,17 @@ def main() -> None:
     from graftkit.protocol import HiddenCache
     from graftkit.recipe import load_recipe, writes_with_strengths
 
-    recipe = load_recipe(f"{args.run_dir}/recipe.yaml")
+    recipe = load_recipe(f"{args.run_dir}/recipe.yaml", args.overrides)
     graft = build_graft(recipe, calibrate=False)
     checkpoint = resolve_checkpoint(args.run_dir, args.checkpoint)
     load_graft_tensors(graft, checkpoint)
+    graft.eval()  # the strengths the memory writes with at inference (e.g. under a write floor)
     if not writes_with_strengths(type(graft.memory)):
         raise SystemExit(f"memory {recipe.memory.kind!r} reports no per-token write strengths")
     cache = HiddenCache(graft, "auto")
     tokenizer = graft.backbone.tokenizer
-    print(f"{args.run_dir} ({checkpoint.name}), memory {recipe.memory.kind}, n = {args.n} per length")
+    changed = f", {' '.join(args.overrides)}" if args.overrides else ""
+    print(f"{args.run_dir} ({checkpoint.name}{changed}), memory {recipe.memory.kind}, n = {args.n} per length")
     for length in args.lengths.split(","):
         samples = build_babilong(recipe.data.tasks[0], "test", length, args.n, seed=recipe.data.seed + EVAL_SEED_OFFSET,
                                  tokenizer=tokenizer, books=recipe.data.books, babi_dir=recipe.data.babi_dir)

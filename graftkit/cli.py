@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a trained run on BABILong (two-turn) with baselines")
     p.add_argument("run_dir")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="recipe settings changed for this evaluation only, e.g. memory.write_floor=0.7 "
+                        "(the run's recipe.yaml is left as it is; results.json records them)")
     p.add_argument("--tasks", help="comma-separated, e.g. qa1,qa2 (default: the recipe's)")
     p.add_argument("--lengths", help="comma-separated, e.g. 1k,4k (default: the recipe's eval_lengths)")
     p.add_argument("--n", type=int, default=200, help="test samples per task and length (default 200)")
@@ -137,6 +140,7 @@ def cmd_eval(args) -> int:
         rows=_split(args.rows),
         corrected=args.corrected,
         out=args.out,
+        overrides=args.overrides,
     )
     return 0
 

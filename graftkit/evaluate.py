@@ -143,9 +143,11 @@ def check_request(tasks: Sequence[str], lengths: Sequence[str], rows: Sequence[s
 
 
 def evaluate_run(run_dir, tasks=None, lengths=None, n: int = 200, checkpoint: str = "best", rows=None,
-                 corrected: bool = False, progress: bool = True, out=None) -> dict:
+                 corrected: bool = False, progress: bool = True, out=None, overrides=()) -> dict:
     """Evaluate a training run directory and write results.{json,md}, chart.png and predictions.jsonl
-    to `out` (default RUN_DIR/eval)."""
+    to `out` (default RUN_DIR/eval). `overrides` (`key=value`) change the run's recipe for this
+    evaluation only, e.g. a memory's `write_floor`; settings that change the shapes of the graft's
+    tensors are refused when its checkpoint is loaded."""
     from graftkit.api import build_graft
     from graftkit.checkpoint import load_graft_tensors, resolve_checkpoint
     from graftkit.recipe import load_recipe
@@ -153,13 +155,15 @@ def evaluate_run(run_dir, tasks=None, lengths=None, n: int = 200, checkpoint: st
     run_dir = Path(run_dir)
     if not (run_dir / "recipe.yaml").is_file():
         raise GraftkitError(f"{run_dir}: not a graftkit run directory (no recipe.yaml)")
-    recipe = load_recipe(run_dir / "recipe.yaml")
+    recipe = load_recipe(run_dir / "recipe.yaml", overrides)
     tasks, lengths, rows = tasks or recipe.data.tasks, lengths or recipe.data.eval_lengths, rows or ROWS
     check_request(tasks, lengths, rows)
     graft = build_graft(recipe, calibrate=False)  # the checkpoint holds the write statistics
     info = load_graft_tensors(graft, resolve_checkpoint(run_dir, checkpoint))
+    graft.eval()  # inference behaviour, e.g. a memory's write floor
     result = evaluate(graft, recipe, tasks, lengths, n, rows, corrected, progress)
     result["checkpoint"] = {"which": checkpoint, "step": info.get("step")}
+    result["overrides"] = list(overrides)
     write_results(result, Path(out) if out else run_dir / "eval")
     print(markdown_table(result))
     return result

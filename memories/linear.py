@@ -5,10 +5,11 @@ Per head a matrix W (e × e) maps unit-norm keys to values. Writing token t:
 
     W ← a_t W + β_t (v_t − a_t W k_t) k_tᵀ
 
-with a per-token write strength β_t = sigmoid(·) and, when `decay` is on, a retention a_t =
-1 − sigmoid(·) (else a_t = 1). This is the rule W ← (1 − decay)·W + β (v − W k) kᵀ except that the
-error is measured against the already decayed memory, so β_t = 1 stores v_t at k_t exactly whatever
-the decay (and the chunkwise form below is the published one). Reading: W q per head for unit-norm q.
+with a per-token write strength β_t = sigmoid(·) (at inference, set to 0 where it is below
+`write_floor`) and, when `decay` is on, a retention a_t = 1 − sigmoid(·) (else a_t = 1). This is the rule
+W ← (1 − decay)·W + β (v − W k) kᵀ except that the error is measured against the already decayed
+memory, so β_t = 1 stores v_t at k_t exactly whatever the decay (and the chunkwise form below is the
+published one). Reading: W q per head for unit-norm q.
 
 The recurrence is sequential by nature; it is computed chunkwise (the WY / UT-transform form of
 DeltaNet). With γ_i the retention accumulated inside a chunk and W_0 the memory at its start,
@@ -64,6 +65,14 @@ class LinearMemory(Memory):
         )
         key_span: int = Field(1, ge=1, le=16, description=KEY_SPAN_HELP)
         value_span: int = Field(1, ge=1, le=16, description=VALUE_SPAN_HELP)
+        write_floor: float = Field(
+            0.0,
+            ge=0.0,
+            lt=1.0,
+            description="At inference (eval mode: graftkit eval, exports, chat), write strengths below this count "
+            "as 0, so a long context's many faint background writes are dropped; training writes every strength "
+            "(0 = off).",
+        )
 
     def __init__(self, config: "LinearMemory.Config"):
         super().__init__(config)
@@ -144,8 +153,15 @@ class LinearMemory(Memory):
         return state.replace(w=rearrange(w, "(b h) o i -> b h o i", h=heads), **carried)
 
     def write_strengths(self, x: torch.Tensor) -> torch.Tensor:
-        """β (b n h): the per-token write strengths `_write` uses (before masking)."""
-        return torch.sigmoid(self.to_beta(x))
+        """β (b n h): the per-token write strengths `_write` uses (before masking).
+
+        In eval mode, strengths below `write_floor` are 0. Training writes every strength: trained with
+        the floor in place, the gate learns to write background text just under it, and the floor
+        no longer thins long contexts (BENCHMARKS.md, fifteenth session)."""
+        beta = torch.sigmoid(self.to_beta(x))
+        if self.training or self.config.write_floor == 0:
+            return beta
+        return beta * (beta >= self.config.write_floor)
 
     def _read(self, q: torch.Tensor, state: MemoryState) -> torch.Tensor:
         heads = self.config.heads

@@ -509,3 +509,37 @@ def test_max_surprise_backward_is_finite_through_empty_chunks():
     memory.read(torch.randn(2, 3, DIM), state).square().sum().backward()
     for name, p in memory.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+# -- linear: write floor ---------------------------------------------------------------------------
+def floored_and_plain(floor: float) -> tuple[LinearMemory, LinearMemory]:
+    floored = make_memory("linear", DIM, heads=1, decay=False, write_floor=floor)
+    with torch.no_grad():
+        floored.to_beta.weight.normal_(0.0, 1.0)  # strengths spread over (0, 1)
+        floored.to_beta.bias.zero_()
+    plain = make_memory("linear", DIM, heads=1, decay=False)
+    plain.load_state_dict(floored.state_dict())
+    return floored, plain
+
+
+def test_write_floor_drops_exactly_the_faint_writes_at_inference():
+    """In eval mode a token whose strength is under the floor leaves the memory as if it were masked
+    (no decay); the others write at their own strength."""
+    floored, plain = floored_and_plain(0.5)
+    floored.eval()
+    x = torch.randn(2, 37, DIM)
+    with torch.no_grad():
+        beta = plain.write_strengths(x)[..., 0]
+        strong = beta >= 0.5
+        assert strong.any() and (~strong).any()
+        got, masked = floored.write(x, floored.init_state(2)), plain.write(x, plain.init_state(2), strong)
+        torch.testing.assert_close(got["w"], masked["w"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(floored.write_strengths(x)[..., 0], beta * strong)
+
+
+def test_write_floor_is_off_in_training():
+    floored, plain = floored_and_plain(0.5)
+    x = torch.randn(2, 37, DIM)
+    with torch.no_grad():
+        torch.testing.assert_close(floored.write(x, floored.init_state(2))["w"], plain.write(x, plain.init_state(2))["w"],
+                                   rtol=0, atol=0)

@@ -121,6 +121,30 @@ def test_cli_train_and_eval(tmp_path, capsys):
     assert "not a graftkit run directory" in capsys.readouterr().err
 
 
+def test_eval_overrides_change_that_evaluation_only(tmp_path, capsys, monkeypatch):
+    import yaml
+
+    import graftkit.evaluate as evaluation
+
+    raw = {**RECIPE, "memory": {"kind": "linear", "heads": 2, "dim_head": 16, "decay": False, "write_layer": 1},
+           "output_dir": str(tmp_path / "run")}
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["train", str(tmp_path / "tiny.yaml"), "train.steps=1", "train.eval_every=1"]) == 0
+    recipe_text = (tmp_path / "run" / "recipe.yaml").read_text()
+    seen, real = [], evaluation.evaluate
+    monkeypatch.setattr(evaluation, "evaluate", lambda graft, *a: seen.append(graft.memory) or real(graft, *a))
+    args = ["--n", "2", "--lengths", "0k", "--rows", "graft"]
+    assert main(["eval", str(tmp_path / "run"), "memory.write_floor=0.99", *args]) == 0
+    assert seen[-1].config.write_floor == 0.99 and not seen[-1].training  # eval mode: the floor applies
+    assert json.loads((tmp_path / "run" / "eval" / "results.json").read_text())["overrides"] == ["memory.write_floor=0.99"]
+    assert (tmp_path / "run" / "recipe.yaml").read_text() == recipe_text
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "run"), "memory.heads=4", *args]) == 1
+    assert "does not fit this graft" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "run"), "memory.write_flor=0.5", *args]) != 0
+    assert "write_flor" in capsys.readouterr().err
+
+
 def test_training_samples_per_length(tmp_path):
     from graftkit.backbones.sources import byte_tokenizer
     from graftkit.train import build_samples

@@ -7,29 +7,36 @@ the mean strength on the qa1 fact tokens against the background tokens. This is 
 what a long context wears the stored facts with. Turn-1 states come from the hidden-state cache when
 `graftkit eval` has filled it, else from the backbone.
 
-    python bench/write_mass.py RUN_DIR [key=value ...] [--checkpoint best] [--lengths 1k,4k,16k] [--n 10] [--threads N]
+    python bench/write_mass.py RUN_DIR [key=value ...] [--checkpoint best] [--lengths 1k,4k,16k] [--n 10] [--threads N] [--top K]
 
 `key=value` change the run's recipe for this measurement, as with `graftkit eval` (e.g.
-`memory.write_floor=0.5`: the strengths are then the floored ones the memory writes with).
+`memory.write_floor=0.5`: the strengths are then the floored ones the memory writes with). `--top K`
+also lists, per length, which tokens the K strongest writes of each context (strengths summed over
+heads; tokens that write nothing left out) fall on, counted by token text, facts and background apart.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 
 import numpy as np
 import torch
 
 
-def fact_tokens(tokenizer, sample, n_tokens: int) -> np.ndarray:
-    """Which of the context's first `n_tokens` tokens lie wholly inside one of its facts."""
-    offsets = tokenizer(sample.context, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"][:n_tokens]
+def fact_tokens(offsets, sample, n_tokens: int) -> np.ndarray:
+    """Which of the context's first `n_tokens` tokens (character `offsets` from the tokenizer) lie
+    wholly inside one of its facts, not counting the space a token carries before its word (a fact's
+    first token, its name, starts at the space before the fact)."""
+    text = sample.context
+    starts = [a + len(text[a:b]) - len(text[a:b].lstrip()) for a, b in offsets[:n_tokens]]
+    ends = [b for _, b in offsets[:n_tokens]]
     inside = np.zeros(n_tokens, dtype=bool)
     for fact in sample.facts:
-        start = sample.context.find(fact)
+        start = text.find(fact)
         if start >= 0:
             end = start + len(fact)
-            inside[: len(offsets)] |= np.array([a >= start and b <= end for a, b in offsets], dtype=bool)
+            inside[: len(starts)] |= np.array([a >= start and b <= end for a, b in zip(starts, ends)], dtype=bool)
     return inside
 
 
@@ -41,9 +48,19 @@ def main() -> None:
     parser.add_argument("--lengths", default="1k,4k,16k")
     parser.add_argument("--n", type=int, default=10, help="test contexts per length")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--top", type=int, default=0, help="list the tokens of each context's K strongest writes")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    from graftkit.errors import GraftkitError
+
+    try:
+        measure(args)
+    except GraftkitError as exc:  # a bad run folder, override or checkpoint: a message, not a traceback
+        raise SystemExit(f"write_mass: {exc}") from None
+
+
+def measure(args) -> None:
 
     from graftkit.api import build_graft
     from graftkit.checkpoint import load_graft_tensors, resolve_checkpoint
@@ -67,13 +84,19 @@ def main() -> None:
         samples = build_babilong(recipe.data.tasks[0], "test", length, args.n, seed=recipe.data.seed + EVAL_SEED_OFFSET,
                                  tokenizer=tokenizer, books=recipe.data.books, babi_dir=recipe.data.babi_dir)
         masses, strong, on_facts, off_facts = [], [], [], []
+        top = {True: Counter(), False: Counter()}  # in a fact: token text -> count
         for sample in samples:
             with torch.no_grad():
                 hidden, mask = cache.get([sample]) if cache.has(sample) else (graft.context_hidden(*graft.tokenize_context([sample.context])), None)
                 strengths = graft.write_strengths(hidden)[0].float().numpy()  # n heads
             masses.append(strengths.sum(0))
             strong.append((strengths >= 0.5).sum(0))
-            facts = fact_tokens(tokenizer, sample, strengths.shape[0])
+            encoding = tokenizer(sample.context, add_special_tokens=False, return_offsets_mapping=True)
+            facts = fact_tokens(encoding["offset_mapping"], sample, strengths.shape[0])
+            total = strengths.sum(1)
+            for i in np.argsort(-total)[: args.top]:
+                if total[i] > 0:  # under a floor, fewer than K tokens may write at all
+                    top[bool(facts[i])][tokenizer.decode([encoding["input_ids"][i]])] += 1
             if facts.any() and (~facts).any():
                 on_facts.append(strengths[facts].mean())
                 off_facts.append(strengths[~facts].mean())
@@ -81,6 +104,10 @@ def main() -> None:
         print(f"{length:>4}: write mass {per_head.mean():7.1f} per head  [{' '.join(f'{m:.1f}' for m in per_head)}]")
         print(f"      tokens written at >= 0.5 per head [{' '.join(f'{c:.0f}' for c in np.mean(strong, 0))}]; "
               f"mean strength on fact tokens {np.mean(on_facts):.3f}, on background {np.mean(off_facts):.3f}")
+        for in_fact, title in ((True, "facts"), (False, "background")):
+            if args.top:
+                listed = ", ".join(f"{text!r} {count}" for text, count in top[in_fact].most_common(12))
+                print(f"      strongest {args.top} per context, on {title} ({sum(top[in_fact].values())}): {listed}")
 
 
 if __name__ == "__main__":

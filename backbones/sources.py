@@ -89,9 +89,13 @@ def _embedded_gguf() -> Path:
 
 
 def _converted_gguf(gguf: Path, label: str) -> Path:
-    """Dequantize a GGUF file once into a safetensors model directory in the cache."""
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{FORMAT}:{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    """Dequantize a GGUF file once into a safetensors model directory in the cache.
+
+    The directory is named by the file's content, so the same file anywhere (another virtual
+    environment, a copy) reuses one conversion and an edited file gets a new one."""
+    with gguf.open("rb") as f:
+        content = hashlib.file_digest(f, "sha256").hexdigest()
+    key = hashlib.sha256(f"{FORMAT}:{content}".encode()).hexdigest()[:12]
     target = cache_dir() / "models" / f"{label}-{key}"
     if (target / "graftkit.json").is_file():
         return target

@@ -5,7 +5,11 @@ Tiny random models (`source: tiny-random`) cover the three families; the embedde
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -256,6 +260,45 @@ def test_graftkit_cache_env_moves_the_cache(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.equal(graftkit.load_backbone({"kind": "qwen2", "source": "tiny-random"}).embedding.weight,
                        first.embedding.weight)
+
+
+def test_a_gguf_is_converted_once_per_content_wherever_it_lies(tmp_path, monkeypatch):
+    import transformers
+
+    monkeypatch.setenv(sources.CACHE_ENV, str(tmp_path / "cache"))
+    converted = []
+
+    class Loader:
+        @staticmethod
+        def from_pretrained(folder, gguf_file):
+            converted.append(Path(folder) / gguf_file)
+            return types.SimpleNamespace(config=types.SimpleNamespace())
+
+    def save(target, model, tokenizer, info):
+        target.mkdir(parents=True)
+        (target / "graftkit.json").write_text(json.dumps(info))
+
+    monkeypatch.setattr(transformers, "AutoTokenizer", Loader)
+    monkeypatch.setattr(transformers, "AutoModelForCausalLM", Loader)
+    monkeypatch.setattr(sources, "_save", save)
+
+    first = tmp_path / "env1" / "model.gguf"
+    first.parent.mkdir()
+    first.write_bytes(b"GGUF" + bytes(range(256)))
+    target, _ = sources.resolve(str(first), "llama")
+    assert len(converted) == 2  # tokenizer and model, read from the file once
+
+    copy = tmp_path / "env2" / "model.gguf"  # another install of the same file, with another mtime
+    copy.parent.mkdir()
+    shutil.copyfile(first, copy)
+    os.utime(copy, ns=(1, 1))
+    assert sources.resolve(str(copy), "llama")[0] == target
+    assert len(converted) == 2
+
+    copy.write_bytes(b"GGUF" + bytes(range(255, -1, -1)))  # other content at the same path
+    assert sources.resolve(str(copy), "llama")[0] != target
+    assert len(converted) == 4
+    assert len(list((tmp_path / "cache" / "models").iterdir())) == 2
 
 
 def test_unknown_family_for_tiny_random():

@@ -24,22 +24,6 @@ import numpy as np
 import torch
 
 
-def fact_tokens(offsets, sample, n_tokens: int) -> np.ndarray:
-    """Which of the context's first `n_tokens` tokens (character `offsets` from the tokenizer) lie
-    wholly inside one of its facts, not counting the space a token carries before its word (a fact's
-    first token, its name, starts at the space before the fact)."""
-    text = sample.context
-    starts = [a + len(text[a:b]) - len(text[a:b].lstrip()) for a, b in offsets[:n_tokens]]
-    ends = [b for _, b in offsets[:n_tokens]]
-    inside = np.zeros(n_tokens, dtype=bool)
-    for fact in sample.facts:
-        start = text.find(fact)
-        if start >= 0:
-            end = start + len(fact)
-            inside[: len(starts)] |= np.array([a >= start and b <= end for a, b in zip(starts, ends)], dtype=bool)
-    return inside
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir")
@@ -64,7 +48,7 @@ def measure(args) -> None:
 
     from graftkit.api import build_graft
     from graftkit.checkpoint import load_graft_tensors, resolve_checkpoint
-    from graftkit.data.babilong import build_babilong
+    from graftkit.data.babilong import build_babilong, fact_token_mask
     from graftkit.evaluate import EVAL_SEED_OFFSET
     from graftkit.protocol import HiddenCache
     from graftkit.recipe import load_recipe, writes_with_strengths
@@ -92,7 +76,7 @@ def measure(args) -> None:
             masses.append(strengths.sum(0))
             strong.append((strengths >= 0.5).sum(0))
             encoding = tokenizer(sample.context, add_special_tokens=False, return_offsets_mapping=True)
-            facts = fact_tokens(encoding["offset_mapping"], sample, strengths.shape[0])
+            facts = fact_token_mask(sample, encoding["offset_mapping"][: strengths.shape[0]])
             total = strengths.sum(1)
             for i in np.argsort(-total)[: args.top]:
                 if total[i] > 0:  # under a floor, fewer than K tokens may write at all

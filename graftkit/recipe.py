@@ -144,6 +144,14 @@ class TrainConfig(Strict):
         "counts 1) times this weight is added to the loss, so the memory learns to write only what answers need and "
         "a longer context wears it less. Needs a memory with per-token write strengths (linear: β; titans: θ). 0 = off.",
     )
+    background_cost: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of a cost on writing book text during the end-to-end steps: like write_cost, but the "
+        "strengths are summed only over context tokens outside the story's facts (the BABILong builder knows where "
+        "it put them; inference needs no such labels), so the memory learns to leave book text out with no cost on "
+        "writing facts. Needs a memory with per-token write strengths. 0 = off.",
+    )
     freeze: list[str] = Field(
         default_factory=list,
         description="Graft tensors held fixed during training, by name or dotted prefix (memory, injector.to_query): "
@@ -240,9 +248,10 @@ def _cross_checks(recipe: Recipe, injector_config: BaseModel) -> list[tuple[str,
                 f"needs an injector that reads the memory at every position; {recipe.injector.kind!r} as configured "
                 f"does not (set injector.direct_read: true, or train.{field}: 0)",
             ))
-    if recipe.train.write_cost > 0 and not writes_with_strengths(get_plugins().registries["memory"].get(recipe.memory.kind)):
-        problems.append(("train.write_cost", f"memory {recipe.memory.kind!r} has no per-token write strengths to put a "
-                         "cost on (linear and titans have; set train.write_cost: 0)"))
+    for field in ("write_cost", "background_cost"):
+        if getattr(recipe.train, field) > 0 and not writes_with_strengths(get_plugins().registries["memory"].get(recipe.memory.kind)):
+            problems.append((f"train.{field}", f"memory {recipe.memory.kind!r} has no per-token write strengths to put a "
+                             f"cost on (linear and titans have; set train.{field}: 0)"))
     unknown = sorted(set(map(_label, recipe.train.recall_lengths)) - set(map(_label, recipe.data.train_lengths)))
     if unknown:
         problems.append(("train.recall_lengths", f"{unknown} are not training lengths (data.train_lengths: {recipe.data.train_lengths})"))

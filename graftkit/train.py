@@ -32,6 +32,7 @@ from graftkit.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
+from graftkit.data.babilong import fact_token_mask
 from graftkit.data.tasks import length_label
 from graftkit.errors import GraftkitError
 from graftkit.progress import bar, status
@@ -55,15 +56,17 @@ class TwoTurn(nn.Module):
     """Turn-1 write + turn-2 loss as one forward, so data-parallel wrappers see a single call."""
 
     def __init__(self, graft, read_loss: float = 0.0, recall_head: RecallHead | None = None, recall_weight: float = 0.0,
-                 write_cost: float = 0.0):
+                 write_cost: float = 0.0, background_cost: float = 0.0):
         super().__init__()
         self.graft = graft
         self.read_loss = read_loss  # weight of `read_loss` in the loss; 0 = answer loss only
         self.recall_head = recall_head  # with recall_weight > 0: the recall loss on the same pass's reads
         self.recall_weight = recall_weight
         self.write_cost = write_cost  # weight of the write mass (`write_mass`) in the loss; 0 = off
+        self.background_cost = background_cost  # weight of the write mass on background tokens only; 0 = off
 
-    def forward(self, hidden, hidden_mask, input_ids, attention_mask, labels, prefix_ids=None, recall_targets=None, recall_backs=None):
+    def forward(self, hidden, hidden_mask, input_ids, attention_mask, labels, prefix_ids=None, recall_targets=None, recall_backs=None,
+                background=None):
         state = self.graft.write_hidden(hidden, hidden_mask)
         out = self.graft(input_ids, state, attention_mask=attention_mask, labels=labels, prefix_ids=prefix_ids)
         if self.read_loss:
@@ -77,6 +80,9 @@ class TwoTurn(nn.Module):
         if self.write_cost:
             out.write_mass = write_mass(self.graft, hidden, hidden_mask)
             out.loss = out.loss + self.write_cost * out.write_mass
+        if self.background_cost:
+            out.background_mass = write_mass(self.graft, hidden, hidden_mask * background)
+            out.loss = out.loss + self.background_cost * out.background_mass
         return out
 
 
@@ -84,6 +90,16 @@ def write_mass(graft, hidden: torch.Tensor, hidden_mask: torch.Tensor) -> torch.
     """The memory's write strengths summed over each context's written tokens, averaged over rows and heads."""
     strengths = graft.write_strengths(hidden)  # b n heads
     return (strengths * hidden_mask[..., None].to(strengths.dtype)).sum(1).mean()
+
+
+def background_tokens(tokenizer, samples, n_tokens: int) -> torch.Tensor:
+    """(b n_tokens) 1.0 on the context tokens that lie outside the samples' facts (book text), else 0."""
+    rows = torch.zeros(len(samples), n_tokens)
+    for row, sample in zip(rows, samples):
+        offsets = tokenizer(sample.context, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        offsets = offsets[:n_tokens]
+        row[: len(offsets)] = torch.from_numpy(~fact_token_mask(sample, offsets)).float()
+    return rows
 
 
 def recall_logprobs(graft, head: RecallHead, attention_mask: torch.Tensor, labels: torch.Tensor, backs) -> torch.Tensor:
@@ -197,7 +213,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
     params = [*graft.trainable_parameters(), *(p for module in kept.values() for p in module.parameters())]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps))
-    model = TwoTurn(graft, cfg.read_loss, kept.get("recall_head"), cfg.recall_weight, cfg.write_cost)
+    model = TwoTurn(graft, cfg.read_loss, kept.get("recall_head"), cfg.recall_weight, cfg.write_cost, cfg.background_cost)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     start, best = 0, {"accuracy": -1.0, "step": 0}
@@ -213,7 +229,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
     pbar = bar(range(start, cfg.steps), initial=start, total=cfg.steps, desc="training", disable=not (progress and accelerator.is_main_process))
     model.train()
     for step in pbar:
-        step_loss, step_read, step_mass, step_recall, step_acc = 0.0, 0.0, 0.0, [], []
+        step_loss, step_read, step_mass, step_background, step_recall, step_acc = 0.0, 0.0, 0.0, 0.0, [], []
         for micro in range(cfg.grad_accum):
             rng = np.random.default_rng([cfg.seed, step, micro, rank])
             bucket = train_buckets[keys[rng.integers(len(keys))]]
@@ -222,6 +238,8 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
             batch = turn2_batch(graft.backbone, samples, with_answers=True)
             if cfg.recall_weight:
                 batch.update(recall_targets=head.targets(samples), recall_backs=head.backs(graft.backbone, samples))
+            if cfg.background_cost:
+                batch["background"] = background_tokens(graft.backbone.tokenizer, samples, hidden.shape[1]).to(hidden.device)
             with accelerator.autocast():
                 out = model(hidden, hidden_mask, **batch)
             accelerator.backward(out.loss / cfg.grad_accum)
@@ -230,6 +248,8 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
                 step_read += out.read_loss.item() / cfg.grad_accum
             if cfg.write_cost:
                 step_mass += out.write_mass.item() / cfg.grad_accum
+            if cfg.background_cost:
+                step_background += out.background_mass.item() / cfg.grad_accum
             if cfg.recall_weight:
                 step_recall.append((out.recall_loss.item(), out.recall_acc.item()))
             step_acc.append(answer_accuracy(out.logits.detach(), batch["labels"]))
@@ -255,6 +275,8 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
         extra = {"read_loss": step_read} if cfg.read_loss else {}
         if cfg.write_cost:
             extra["write_mass"] = step_mass
+        if cfg.background_cost:
+            extra["background_mass"] = step_background
         if cfg.recall_weight:
             recall_window = (recall_window + [float(np.mean([a for _, a in step_recall]))])[-50:]
             extra.update(aux_recall_loss=float(np.mean([v for v, _ in step_recall])), aux_recall_acc=float(np.mean(recall_window)))

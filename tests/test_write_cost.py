@@ -1,4 +1,5 @@
-"""Write strengths and their cost (`train.write_cost`): what the memories report and what the loss adds."""
+"""Write strengths and their costs (`train.write_cost`, `train.background_cost`): what the memories report
+and what the loss adds."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from graftkit.memories.titans import TitansMemory
 from graftkit.protocol import HiddenCache, turn2_batch
 from graftkit.recipe import validate_recipe
 from graftkit.state import WRITTEN
-from graftkit.train import TwoTurn, train, write_mass
+from graftkit.train import TwoTurn, background_tokens, train, write_mass
 from test_train import RECIPE, built_graft, recipe
 
 DIM = 16
@@ -80,18 +81,57 @@ def test_the_write_cost_adds_the_write_mass_to_the_loss_and_lowers_it(tmp_path):
     assert write_mass(graft, hidden, mask) < mass
 
 
-def test_a_write_cost_needs_a_memory_with_write_strengths():
+@pytest.mark.parametrize("field", ["write_cost", "background_cost"])
+def test_a_write_cost_needs_a_memory_with_write_strengths(field):
     raw = json.loads(json.dumps(RECIPE))
     raw["memory"] = {"kind": "attention_slots", "write_layer": 1}
-    raw["train"]["write_cost"] = 0.01
-    with pytest.raises(RecipeError, match=r"train.write_cost.*'attention_slots' has no per-token write strengths"):
+    raw["train"][field] = 0.01
+    with pytest.raises(RecipeError, match=rf"train.{field}.*'attention_slots' has no per-token write strengths"):
         validate_recipe(raw)
-    raw["train"]["write_cost"] = 0.0
+    raw["train"][field] = 0.0
     validate_recipe(raw)
 
 
-def test_a_run_with_a_write_cost_logs_its_write_mass(tmp_path):
-    run = train(recipe(tmp_path, steps=2, eval_every=2, write_cost=0.01), progress=False).run_dir
-    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    masses = [r["write_mass"] for r in steps if "loss" in r]
-    assert len(masses) == 2 and all(m > 0 for m in masses)
+@pytest.mark.parametrize("field", ["write_mass", "background_mass"])
+def test_a_run_with_a_write_cost_logs_its_write_mass(tmp_path, field):
+    cost = field.replace("mass", "cost")
+    run = train(recipe(tmp_path, steps=2, eval_every=2, **{cost: 0.01}), progress=False).run_dir
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert len(steps) == 2
+    assert all(r[field] >= 0 for r in steps) and any(r[field] > 0 for r in steps)  # a 0k batch has no book text
+    assert all(("write_mass" in r) == (field == "write_mass") for r in steps)
+
+
+def test_background_tokens_are_the_context_outside_the_facts(tmp_path):
+    from graftkit.data.babilong import build_babilong
+
+    graft = built_graft(tmp_path, {"kind": "layer0_soft_prompt", "num_tokens": 4})
+    tokenizer = graft.backbone.tokenizer
+    facts_only = build_babilong("qa1", "train", "0k", 2, seed=0, tokenizer=tokenizer)
+    hidden, mask = HiddenCache(graft, None).get(facts_only)
+    assert not (background_tokens(tokenizer, facts_only, hidden.shape[1]) * mask).any()  # nothing but facts
+    in_books = build_babilong("qa1", "train", "1k", 2, seed=0, tokenizer=tokenizer)
+    n_tokens = max(len(graft.backbone.text_ids(s.context)) for s in in_books)
+    for row, sample in zip(background_tokens(tokenizer, in_books, n_tokens + 5), in_books):
+        offsets = tokenizer(sample.context, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        assert not row[len(offsets):].any()  # padding is not background
+        kept = "".join(sample.context[a:b] for (a, b), outside in zip(offsets, row) if not outside)
+        assert kept.split() == " ".join(sample.facts).split()  # the facts' words, in order, and nothing else
+        assert 0.5 < row[: len(offsets)].mean() < 1.0  # most of a 1k context is book text
+
+
+def test_the_background_cost_weighs_only_book_text(tmp_path):
+    from graftkit.data.babilong import build_babilong
+
+    graft = built_graft(tmp_path, {"kind": "layer0_soft_prompt", "num_tokens": 4})
+    samples = build_babilong("qa1", "train", "1k", 2, seed=0, tokenizer=graft.backbone.tokenizer)
+    hidden, mask = HiddenCache(graft, None).get(samples)
+    background = background_tokens(graft.backbone.tokenizer, samples, hidden.shape[1])
+    batch = turn2_batch(graft.backbone, samples, with_answers=True)
+    plain, costly = TwoTurn(graft), TwoTurn(graft, background_cost=0.5)
+    with torch.no_grad():
+        out = costly(hidden, mask, **batch, background=background)
+        by_hand = write_mass(graft, hidden, mask * background)
+        torch.testing.assert_close(out.background_mass, by_hand)
+        assert 0 < by_hand < write_mass(graft, hidden, mask)  # the facts' writes are left out
+        torch.testing.assert_close(out.loss, plain(hidden, mask, **batch).loss + 0.5 * by_hand)

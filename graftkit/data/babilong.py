@@ -30,7 +30,7 @@ import hashlib
 import json
 import os
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -266,3 +266,23 @@ def build_babilong(
             start=start, prompt_reserve=prompt_reserve, min_sentence_tokens=min_sentence_tokens,
         )
     )
+
+
+def fact_token_mask(sample: Sample, offsets: Sequence[tuple[int, int]]) -> np.ndarray:
+    """Which context tokens (character `offsets` from the tokenizer, one pair per token) lie wholly inside
+    one of the sample's facts. A token's leading space does not count, so a fact's first token (its
+    name, which carries the space before the fact) belongs to the fact."""
+    text = sample.context
+    starts = np.array([a + len(text[a:b]) - len(text[a:b].lstrip()) for a, b in offsets], dtype=np.int64)
+    ends = np.array([b for _, b in offsets], dtype=np.int64)
+    inside = np.zeros(len(offsets), dtype=bool)
+    position = 0
+    for fact in sample.facts:  # facts appear in story order
+        start = text.find(fact, position)
+        if start < 0:
+            start = text.find(fact)
+        if start >= 0:
+            end = start + len(fact)
+            inside |= (starts >= start) & (ends <= end)
+            position = end
+    return inside

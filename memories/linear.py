@@ -65,6 +65,14 @@ class LinearMemory(Memory):
         )
         key_span: int = Field(1, ge=1, le=16, description=KEY_SPAN_HELP)
         value_span: int = Field(1, ge=1, le=16, description=VALUE_SPAN_HELP)
+        gate_span: int = Field(
+            1,
+            ge=1,
+            le=16,
+            description="Tokens a write strength is computed from: the token and the next gate_span − 1 of the same "
+            "write call (padding and masked tokens included as they are), so whether a name is written can depend on "
+            "the words after it. The look-ahead weights start at 0: a graft trained with 1 loads into it unchanged.",
+        )
         write_floor: float = Field(
             0.0,
             ge=0.0,
@@ -81,6 +89,7 @@ class LinearMemory(Memory):
         self.to_values = nn.Linear(self.dim, inner, bias=False)
         self.to_queries = nn.Linear(self.dim, inner, bias=False)
         self.to_beta = nn.Linear(self.dim, config.heads)
+        self.beta_ahead = nn.Linear(self.dim, config.heads * (config.gate_span - 1), bias=False) if config.gate_span > 1 else None
         self.to_decay = nn.Linear(self.dim, config.heads) if config.decay else None
         self.to_out = nn.Linear(inner, self.dim, bias=False)
         self.key_mix = KeyMix(config.key_span, self.dim) if config.key_span > 1 else None
@@ -90,6 +99,8 @@ class LinearMemory(Memory):
                 if gate is not None:
                     gate.weight.mul_(0.1)
                     gate.bias.fill_(bias)
+            if self.beta_ahead is not None:
+                self.beta_ahead.weight.zero_()
 
     def _init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """`w` (b h o i): an empty matrix per row and head; `key_tail` (b key_span−1 d) with key_span > 1."""
@@ -158,7 +169,12 @@ class LinearMemory(Memory):
         In eval mode, strengths below `write_floor` are 0. Training writes every strength: trained with
         the floor in place, the gate wrote book text about five times as strongly and the floor thinned
         16k contexts far less (BENCHMARKS.md, fifteenth session)."""
-        beta = torch.sigmoid(self.to_beta(x))
+        logits = self.to_beta(x)
+        if self.beta_ahead is not None:  # token t + j adds its own term, shifted back by j
+            ahead = rearrange(self.beta_ahead(x), "b n (j h) -> b n j h", h=self.config.heads)
+            for j in range(1, self.config.gate_span):
+                logits = logits + F.pad(ahead[:, j:, j - 1], (0, 0, 0, j))
+        beta = torch.sigmoid(logits)
         if self.training or self.config.write_floor == 0:
             return beta
         return beta * (beta >= self.config.write_floor)

@@ -543,3 +543,20 @@ def test_write_floor_is_off_in_training():
     with torch.no_grad():
         torch.testing.assert_close(floored.write(x, floored.init_state(2))["w"], plain.write(x, plain.init_state(2))["w"],
                                    rtol=0, atol=0)
+
+
+def test_gate_span_starts_as_the_plain_gate_and_looks_ahead_only_within_its_span():
+    torch.manual_seed(0)
+    spanned = LinearMemory(LinearMemory.Config(dim=16, heads=2, dim_head=8, gate_span=3))
+    plain = LinearMemory(LinearMemory.Config(dim=16, heads=2, dim_head=8))
+    plain.load_state_dict({k: v for k, v in spanned.state_dict().items() if not k.startswith("beta_ahead")})
+    x = torch.randn(2, 7, 16)
+    with torch.no_grad():
+        assert torch.equal(spanned.write_strengths(x), plain.write_strengths(x))  # look-ahead weights start at 0
+        torch.testing.assert_close(spanned.write(x, spanned.init_state(2))["w"], plain.write(x, plain.init_state(2))["w"])
+        spanned.beta_ahead.weight.normal_()
+        changed = x.clone()
+        changed[:, 5] += 1.0
+        moved = (spanned.write_strengths(changed) - spanned.write_strengths(x)).abs().sum((0, 2))
+    assert (moved[3:6] > 0).all()  # token 5 itself and the two before it, which see it ahead
+    assert (moved[:3] == 0).all() and moved[6] == 0  # out of their span, or behind them

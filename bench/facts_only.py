@@ -1,0 +1,85 @@
+"""What a perfect write gate would give: two-turn accuracy when the memory writes only the facts.
+
+For each length, the same BABILong test samples as `graftkit eval` are answered twice from memory: once
+with the whole context written (as `graftkit eval` does) and once with only the tokens of the story's
+facts written, the book text masked out of the write (`graftkit.data.babilong.fact_token_mask`). The
+facts keep the hidden states they have inside the long context. The gap between the two columns is what
+writing book text costs; a gap between lengths in the second column would come from elsewhere.
+
+    python bench/facts_only.py RUN_DIR [key=value ...] [--checkpoint best] [--lengths 1k,16k] [--n 100] [--threads N]
+
+`key=value` change the run's recipe for this measurement, as with `graftkit eval`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    parser.add_argument("--checkpoint", default="best", help="best, last, or a step number")
+    parser.add_argument("--lengths", default="1k,16k")
+    parser.add_argument("--n", type=int, default=100, help="test samples per length")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from graftkit.errors import GraftkitError
+
+    try:
+        measure(args)
+    except GraftkitError as exc:  # a bad run folder, override or checkpoint: a message, not a traceback
+        raise SystemExit(f"facts_only: {exc}") from None
+
+
+def measure(args) -> None:
+    from graftkit.api import build_graft
+    from graftkit.checkpoint import load_graft_tensors, resolve_checkpoint
+    from graftkit.data.babilong import build_babilong, fact_token_mask
+    from graftkit.data.metric import compare_answers
+    from graftkit.evaluate import EVAL_SEED_OFFSET
+    from graftkit.progress import bar
+    from graftkit.protocol import HiddenCache, turn2_batch
+    from graftkit.recipe import load_recipe
+
+    recipe = load_recipe(f"{args.run_dir}/recipe.yaml", args.overrides)
+    graft = build_graft(recipe, calibrate=False)
+    checkpoint = resolve_checkpoint(args.run_dir, args.checkpoint)
+    load_graft_tensors(graft, checkpoint)
+    graft.eval()
+    cache = HiddenCache(graft, "auto")
+    tokenizer = graft.backbone.tokenizer
+    task = recipe.data.tasks[0]
+    changed = f", {' '.join(args.overrides)}" if args.overrides else ""
+    print(f"{args.run_dir} ({checkpoint.name}{changed}), {task}, n = {args.n} per length")
+    print("length | whole context written | facts only")
+    for length in args.lengths.split(","):
+        samples = build_babilong(task, "test", length, args.n, seed=recipe.data.seed + EVAL_SEED_OFFSET,
+                                 tokenizer=tokenizer, books=recipe.data.books, babi_dir=recipe.data.babi_dir)
+        cache.fill(samples)
+        right = {"whole": 0, "facts": 0}
+        for start in bar(range(0, len(samples), 4), desc=length, leave=False):
+            chunk = samples[start : start + 4]
+            hidden, mask = cache.get(chunk)
+            facts = torch.zeros_like(mask, dtype=hidden.dtype)
+            for row, sample in zip(facts, chunk):
+                offsets = tokenizer(sample.context, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+                row[: len(offsets)] = torch.from_numpy(fact_token_mask(sample, offsets))
+            batch = turn2_batch(graft.backbone, chunk, with_answers=False)
+            for name, written in (("whole", mask), ("facts", facts)):
+                with torch.no_grad():
+                    state = graft.write_hidden(hidden, written)
+                    new = graft.generate(batch["input_ids"], state, batch["attention_mask"], max_new_tokens=8,
+                                         prefix_ids=batch["prefix_ids"])
+                for sample, output in zip(chunk, tokenizer.batch_decode(new, skip_special_tokens=True)):
+                    right[name] += bool(compare_answers(sample.target, output, sample.question, sample.task))
+        print(f"{length:>6} | {right['whole'] / len(samples):21.1%} | {right['facts'] / len(samples):10.1%}")
+
+
+if __name__ == "__main__":
+    main()

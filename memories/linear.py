@@ -5,9 +5,10 @@ Per head a matrix W (e × e) maps unit-norm keys to values. Writing token t:
 
     W ← a_t W + β_t (v_t − a_t W k_t) k_tᵀ
 
-with a per-token write strength β_t = sigmoid(·) (at inference, set to 0 where it is below
-`write_floor`) and, when `decay` is on, a retention a_t = 1 − sigmoid(·) (else a_t = 1). This is the
-rule W ← (1 − decay)·W + β (v − W k) kᵀ except that the error is measured against the already decayed
+with a per-token write strength β_t = sigmoid(·) of the token (and, with `gate_span` > 1, of the tokens
+after it in the same write; at inference, set to 0 where it is below `write_floor`) and, when `decay`
+is on, a retention a_t = 1 − sigmoid(·) (else a_t = 1). This is the rule
+W ← (1 − decay)·W + β (v − W k) kᵀ except that the error is measured against the already decayed
 memory, so β_t = 1 stores v_t at k_t exactly whatever the decay (and the chunkwise form below is the
 published one). Reading: W q per head for unit-norm q.
 

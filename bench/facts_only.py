@@ -2,7 +2,7 @@
 
 For each length, the same BABILong test samples as `graftkit eval` are answered twice from memory: once
 with the whole context written (as `graftkit eval` does) and once with only the tokens of the story's
-facts written, the book text masked out of the write (`graftkit.data.babilong.fact_token_mask`). The
+facts written, the book text masked out of the write (`graftkit.train.background_tokens`). The
 facts keep the hidden states they have inside the long context. The gap between the two columns is what
 writing book text costs; a gap between lengths in the second column would come from elsewhere.
 
@@ -38,25 +38,21 @@ def main() -> None:
 
 
 def measure(args) -> None:
-    from graftkit.api import build_graft
-    from graftkit.checkpoint import load_graft_tensors, resolve_checkpoint
-    from graftkit.data.babilong import build_babilong, fact_token_mask
+    from graftkit.checkpoint import load_run
+    from graftkit.data.babilong import build_babilong
     from graftkit.data.metric import compare_answers
     from graftkit.evaluate import EVAL_SEED_OFFSET
     from graftkit.progress import bar
     from graftkit.protocol import HiddenCache, turn2_batch
-    from graftkit.recipe import load_recipe
+    from graftkit.train import background_tokens
 
-    recipe = load_recipe(f"{args.run_dir}/recipe.yaml", args.overrides)
-    graft = build_graft(recipe, calibrate=False)
-    checkpoint = resolve_checkpoint(args.run_dir, args.checkpoint)
-    load_graft_tensors(graft, checkpoint)
+    recipe, graft, info = load_run(args.run_dir, args.checkpoint, overrides=args.overrides)
     graft.eval()
     cache = HiddenCache(graft, "auto")
     tokenizer = graft.backbone.tokenizer
     task = recipe.data.tasks[0]
     changed = f", {' '.join(args.overrides)}" if args.overrides else ""
-    print(f"{args.run_dir} ({checkpoint.name}{changed}), {task}, n = {args.n} per length")
+    print(f"{args.run_dir} ({args.checkpoint}: step {info.get('step')}{changed}), {task}, n = {args.n} per length")
     print("length | whole context written | facts only")
     for length in args.lengths.split(","):
         samples = build_babilong(task, "test", length, args.n, seed=recipe.data.seed + EVAL_SEED_OFFSET,
@@ -66,10 +62,7 @@ def measure(args) -> None:
         for start in bar(range(0, len(samples), 4), desc=length, leave=False):
             chunk = samples[start : start + 4]
             hidden, mask = cache.get(chunk)
-            facts = torch.zeros_like(mask, dtype=hidden.dtype)
-            for row, sample in zip(facts, chunk):
-                offsets = tokenizer(sample.context, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-                row[: len(offsets)] = torch.from_numpy(fact_token_mask(sample, offsets))
+            facts = mask.to(hidden.dtype) * (1 - background_tokens(tokenizer, chunk, hidden.shape[1]))
             batch = turn2_batch(graft.backbone, chunk, with_answers=False)
             for name, written in (("whole", mask), ("facts", facts)):
                 with torch.no_grad():

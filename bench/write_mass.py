@@ -45,25 +45,20 @@ def main() -> None:
 
 
 def measure(args) -> None:
-
-    from graftkit.api import build_graft
-    from graftkit.checkpoint import load_graft_tensors, resolve_checkpoint
+    from graftkit.checkpoint import load_run
     from graftkit.data.babilong import build_babilong, fact_token_mask
     from graftkit.evaluate import EVAL_SEED_OFFSET
     from graftkit.protocol import HiddenCache
-    from graftkit.recipe import load_recipe, writes_with_strengths
+    from graftkit.recipe import writes_with_strengths
 
-    recipe = load_recipe(f"{args.run_dir}/recipe.yaml", args.overrides)
-    graft = build_graft(recipe, calibrate=False)
-    checkpoint = resolve_checkpoint(args.run_dir, args.checkpoint)
-    load_graft_tensors(graft, checkpoint)
+    recipe, graft, info = load_run(args.run_dir, args.checkpoint, overrides=args.overrides)
     graft.eval()  # the strengths the memory writes with at inference (e.g. under a write floor)
     if not writes_with_strengths(type(graft.memory)):
         raise SystemExit(f"memory {recipe.memory.kind!r} reports no per-token write strengths")
     cache = HiddenCache(graft, "auto")
     tokenizer = graft.backbone.tokenizer
     changed = f", {' '.join(args.overrides)}" if args.overrides else ""
-    print(f"{args.run_dir} ({checkpoint.name}{changed}), memory {recipe.memory.kind}, n = {args.n} per length")
+    print(f"{args.run_dir} ({args.checkpoint}: step {info.get('step')}{changed}), memory {recipe.memory.kind}, n = {args.n} per length")
     for length in args.lengths.split(","):
         samples = build_babilong(recipe.data.tasks[0], "test", length, args.n, seed=recipe.data.seed + EVAL_SEED_OFFSET,
                                  tokenizer=tokenizer, books=recipe.data.books, babi_dir=recipe.data.babi_dir)

@@ -96,16 +96,17 @@ def resolve_checkpoint(run_dir: Path, which: str = "best") -> Path:
     return path
 
 
-def load_run(run_dir, which: str = "best", backbone=None):
+def load_run(run_dir, which: str = "best", backbone=None, overrides=()):
     """(recipe, graft, checkpoint info) of a training run: the graft built from RUN_DIR/recipe.yaml with
-    the tensors (write statistics included) of checkpoint `which` (see `resolve_checkpoint`)."""
+    the tensors (write statistics included) of checkpoint `which` (see `resolve_checkpoint`).
+    `overrides` (`key=value`) change the recipe for this use only (not its file)."""
     from graftkit.api import build_graft
     from graftkit.recipe import load_recipe
 
     run_dir = Path(run_dir)
     if not (run_dir / "recipe.yaml").is_file():
         raise GraftkitError(f"{run_dir}: not a graftkit run directory (no recipe.yaml)")
-    recipe = load_recipe(run_dir / "recipe.yaml")
+    recipe = load_recipe(run_dir / "recipe.yaml", overrides)
     path = resolve_checkpoint(run_dir, str(which))
     graft = build_graft(recipe, backbone=backbone, calibrate=False)  # the checkpoint holds the statistics
     try:

@@ -92,13 +92,18 @@ def write_mass(graft, hidden: torch.Tensor, hidden_mask: torch.Tensor) -> torch.
     return (strengths * hidden_mask[..., None].to(strengths.dtype)).sum(1).mean()
 
 
-def background_tokens(tokenizer, samples, n_tokens: int) -> torch.Tensor:
-    """(b n_tokens) 1.0 on the context tokens that lie outside the samples' facts (book text), else 0."""
+def background_tokens(tokenizer, samples, n_tokens: int, known: dict | None = None) -> torch.Tensor:
+    """(b n_tokens) 1.0 on the context tokens that lie outside the samples' facts (book text), else 0.
+    `known` (sample uid -> mask) keeps each sample's mask, so a sample drawn again is not tokenized again."""
     rows = torch.zeros(len(samples), n_tokens)
     for row, sample in zip(rows, samples):
-        offsets = tokenizer(sample.context, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-        offsets = offsets[:n_tokens]
-        row[: len(offsets)] = torch.from_numpy(~fact_token_mask(sample, offsets)).float()
+        mask = known.get(sample.uid) if known is not None else None
+        if mask is None:
+            offsets = tokenizer(sample.context, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+            mask = torch.from_numpy(~fact_token_mask(sample, offsets))
+            if known is not None:
+                known[sample.uid] = mask
+        row[: min(len(mask), n_tokens)] = mask[:n_tokens].float()
     return rows
 
 
@@ -224,6 +229,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
         metrics = Metrics(run_dir / "metrics.jsonl", resume_from=start)
     keys = sorted(train_buckets)
     rank = accelerator.process_index
+    background_masks = {}  # sample uid -> its book-text mask, for train.background_cost
     t0, window, recall_window = time.perf_counter(), [], []
     skipped, bad_run = 0, 0  # updates dropped for a non-finite loss or gradient: in all, in a row
     pbar = bar(range(start, cfg.steps), initial=start, total=cfg.steps, desc="training", disable=not (progress and accelerator.is_main_process))
@@ -239,7 +245,8 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
             if cfg.recall_weight:
                 batch.update(recall_targets=head.targets(samples), recall_backs=head.backs(graft.backbone, samples))
             if cfg.background_cost:
-                batch["background"] = background_tokens(graft.backbone.tokenizer, samples, hidden.shape[1]).to(hidden.device)
+                batch["background"] = background_tokens(graft.backbone.tokenizer, samples, hidden.shape[1],
+                                                        background_masks).to(hidden.device)
             with accelerator.autocast():
                 out = model(hidden, hidden_mask, **batch)
             accelerator.backward(out.loss / cfg.grad_accum)

@@ -118,6 +118,14 @@ def test_background_tokens_are_the_context_outside_the_facts(tmp_path):
         kept = "".join(sample.context[a:b] for (a, b), outside in zip(offsets, row) if not outside)
         assert kept.split() == " ".join(sample.facts).split()  # the facts' words, in order, and nothing else
         assert 0.5 < row[: len(offsets)].mean() < 1.0  # most of a 1k context is book text
+    known = {}
+    first = background_tokens(tokenizer, in_books, n_tokens, known)
+    assert sorted(known) == sorted(s.uid for s in in_books)
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("a known sample was tokenized again")
+
+    assert torch.equal(background_tokens(no_tokenizing, in_books, n_tokens, known), first)
 
 
 def test_the_background_cost_weighs_only_book_text(tmp_path):

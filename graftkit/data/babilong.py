@@ -279,8 +279,6 @@ def fact_token_mask(sample: Sample, offsets: Sequence[tuple[int, int]]) -> np.nd
     position = 0
     for fact in sample.facts:  # facts appear in story order
         start = text.find(fact, position)
-        if start < 0:
-            start = text.find(fact)
         if start >= 0:
             end = start + len(fact)
             inside |= (starts >= start) & (ends <= end)

@@ -72,7 +72,8 @@ class LinearMemory(Memory):
             le=16,
             description="Tokens a write strength is computed from: the token and the next gate_span − 1 of the same "
             "write call (padding and masked tokens included as they are), so whether a name is written can depend on "
-            "the words after it. The look-ahead weights start at 0: a graft trained with 1 loads into it unchanged.",
+            "the words after it. The look-ahead weights start at 0: a graft trained with 1 loads into it unchanged, and "
+            "a seed starts every other weight as it does with 1.",
         )
         write_floor: float = Field(
             0.0,
@@ -90,7 +91,10 @@ class LinearMemory(Memory):
         self.to_values = nn.Linear(self.dim, inner, bias=False)
         self.to_queries = nn.Linear(self.dim, inner, bias=False)
         self.to_beta = nn.Linear(self.dim, config.heads)
-        self.beta_ahead = nn.Linear(self.dim, config.heads * (config.gate_span - 1), bias=False) if config.gate_span > 1 else None
+        self.beta_ahead = None
+        if config.gate_span > 1:  # built without drawing from the RNG (it starts at 0), so a seed gives every
+            # other weight, here and in the rest of the graft, the same start as with gate_span 1
+            self.beta_ahead = nn.utils.skip_init(nn.Linear, self.dim, config.heads * (config.gate_span - 1), bias=False)
         self.to_decay = nn.Linear(self.dim, config.heads) if config.decay else None
         self.to_out = nn.Linear(inner, self.dim, bias=False)
         self.key_mix = KeyMix(config.key_span, self.dim) if config.key_span > 1 else None

@@ -545,6 +545,22 @@ def test_write_floor_is_off_in_training():
                                    rtol=0, atol=0)
 
 
+def test_gate_span_leaves_every_other_initial_weight_and_the_rng_as_they_were():
+    config = dict(dim=16, heads=2, dim_head=8, decay=True, key_span=2, value_span=2)
+    torch.manual_seed(0)
+    plain = LinearMemory(LinearMemory.Config(**config))
+    after_plain = torch.rand(4)
+    torch.manual_seed(0)
+    spanned = LinearMemory(LinearMemory.Config(**config, gate_span=4))
+    after_spanned = torch.rand(4)
+    assert torch.equal(after_plain, after_spanned)  # what is built next (an injector) starts the same too
+    others = {k: v for k, v in spanned.state_dict().items() if not k.startswith("beta_ahead")}
+    assert others.keys() == plain.state_dict().keys()
+    for name, tensor in plain.state_dict().items():
+        assert torch.equal(tensor, others[name]), name
+    assert not spanned.beta_ahead.weight.any()
+
+
 def test_gate_span_starts_as_the_plain_gate_and_looks_ahead_only_within_its_span():
     torch.manual_seed(0)
     spanned = LinearMemory(LinearMemory.Config(dim=16, heads=2, dim_head=8, gate_span=3))

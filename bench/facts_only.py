@@ -13,28 +13,13 @@ writing book text costs; a gap between lengths in the second column would come f
 
 from __future__ import annotations
 
-import argparse
-
 import torch
+from run_cli import run, run_parser
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
-    parser.add_argument("--checkpoint", default="best", help="best, last, or a step number")
-    parser.add_argument("--lengths", default="1k,16k")
-    parser.add_argument("--n", type=int, default=100, help="test samples per length")
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from graftkit.errors import GraftkitError
-
-    try:
-        measure(args)
-    except GraftkitError as exc:  # a bad run folder, override or checkpoint: a message, not a traceback
-        raise SystemExit(f"facts_only: {exc}") from None
+    parser = run_parser(__doc__, lengths="1k,16k", n=100, n_help="test samples per length")
+    run("facts_only", measure, parser.parse_args())
 
 
 def measure(args) -> None:

@@ -17,31 +17,17 @@ heads; tokens that write nothing left out) fall on, counted by token text, facts
 
 from __future__ import annotations
 
-import argparse
 from collections import Counter
 
 import numpy as np
 import torch
+from run_cli import run, run_parser
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
-    parser.add_argument("--checkpoint", default="best", help="best, last, or a step number")
-    parser.add_argument("--lengths", default="1k,4k,16k")
-    parser.add_argument("--n", type=int, default=10, help="test contexts per length")
-    parser.add_argument("--threads", type=int, default=None)
+    parser = run_parser(__doc__, lengths="1k,4k,16k", n=10, n_help="test contexts per length")
     parser.add_argument("--top", type=int, default=0, help="list the tokens of each context's K strongest writes")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from graftkit.errors import GraftkitError
-
-    try:
-        measure(args)
-    except GraftkitError as exc:  # a bad run folder, override or checkpoint: a message, not a traceback
-        raise SystemExit(f"write_mass: {exc}") from None
+    run("write_mass", measure, parser.parse_args())
 
 
 def measure(args) -> None:

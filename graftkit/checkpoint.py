@@ -5,6 +5,7 @@ Layout of `RUN_DIR/checkpoints/step-000200/`:
   optimizer.safetensors  optimizer tensors, flattened as state.<param index>.<name>
   trainer.json           step, optimizer param groups and scalars, scheduler state, python RNG, metrics
   rng.safetensors        torch CPU (and CUDA) RNG states
+  recall_head.safetensors  with `train.recall_weight`: the recall head trained beside the graft
 A checkpoint directory is written under a temporary name and renamed when complete, so a crash never
 leaves a half-written checkpoint; `latest.json` / `best.json` name the current ones.
 """
@@ -35,7 +36,8 @@ def save_checkpoint(root: Path, step: int, graft, optimizer, scheduler, info: di
     tmp.mkdir()
     save_graft_tensors(graft, tmp / "graft.safetensors")
     for name, module in (kept or {}).items():  # modules trained beside the graft but not part of it
-        save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, str(tmp / f"{name}.safetensors"))
+        metadata = module.file_metadata() if hasattr(module, "file_metadata") else None
+        save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, str(tmp / f"{name}.safetensors"), metadata=metadata)
     opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     rng = {"torch": torch.get_rng_state()}
@@ -70,6 +72,9 @@ def mark_best(root: Path, checkpoint: Path, accuracy: float) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     shutil.copy2(checkpoint / "graft.safetensors", tmp / "graft.safetensors")
+    for kept in checkpoint.glob("*.safetensors"):  # modules trained beside the graft (a recall head), for init_from
+        if kept.name not in FILES:
+            shutil.copy2(kept, tmp / kept.name)
     (tmp / "trainer.json").write_text((checkpoint / "trainer.json").read_text())
     shutil.rmtree(best, ignore_errors=True)
     os.replace(tmp, best)

@@ -17,6 +17,8 @@ Legend: b batch, n tokens, d hidden size.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -99,6 +101,10 @@ class RecallHead(nn.Module):
         self.linear = nn.Linear(hidden_size, len(self.answers))
         self._back: dict[str, int] = {}  # sample uid -> tokens from its last word to the end of its question part
 
+    def file_metadata(self) -> dict[str, str]:
+        """What a checkpoint records beside the head's tensors, so that another run can tell whether it fits."""
+        return {"answers": json.dumps(self.answers), "query": self.query}
+
     def targets(self, samples: Sequence) -> torch.Tensor:
         return torch.tensor([self.answers.index(s.target) for s in samples], device=self.linear.weight.device)
 
@@ -119,6 +125,33 @@ class RecallHead(nn.Module):
             return answer_logprobs(self.linear, reads, question)
         rows = torch.arange(reads.shape[0], device=reads.device)
         return torch.log_softmax(self.linear(reads[rows, ends - backs]), dim=-1)
+
+
+def load_initial_head(head: RecallHead, init_from) -> str:
+    """Load into `head` the recall head saved beside the graft tensors `train.init_from` names (a run's
+    checkpoint keeps it when it trained with `train.recall_weight`), if it was trained over the same answers
+    with the same query; otherwise `head` stays new. Returns what was done, for the run's log."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    from graftkit.checkpoint import initial_tensors_file
+
+    file = Path(initial_tensors_file(init_from)).parent / "recall_head.safetensors"
+    if not file.is_file():
+        return f"a new recall head (train.init_from: no {file.name} beside the graft tensors)"
+    try:
+        with safe_open(str(file), "pt") as handle:
+            metadata = handle.metadata() or {}
+        tensors = load_file(str(file))
+    except (SafetensorError, OSError) as exc:
+        raise GraftkitError(f"train.init_from: {file} is not a readable safetensors file ({exc})") from None
+    if "answers" in metadata and (json.loads(metadata["answers"]) != head.answers or metadata.get("query") != head.query):
+        return f"a new recall head (train.init_from: {file} was trained over other answers or with another recall_query)"
+    own = head.state_dict()
+    if tensors.keys() != own.keys() or any(tensors[k].shape != own[k].shape for k in own):
+        return f"a new recall head (train.init_from: {file} does not fit this run's answers)"
+    head.load_state_dict(tensors)
+    return f"the recall head in {file}"
 
 
 def recall_stage(graft, cache, head: RecallHead, train_buckets: dict, eval_buckets: dict, cfg, metrics=None, bar=None) -> dict:

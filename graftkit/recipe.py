@@ -108,7 +108,9 @@ class TrainConfig(Strict):
         None,
         description="Start from these graft tensors instead of a fresh initialisation: a safetensors file, a checkpoint "
         "folder, an export, or a run directory (its best checkpoint). Every tensor in it must fit this graft; graft "
-        "tensors it lacks keep their initialisation. Ignored by --resume.",
+        "tensors it lacks keep their initialisation. With the recall stage or loss, the recall head saved beside "
+        "those tensors (by a run that trained with recall_weight) is loaded too when it was trained over the same "
+        "answers with the same recall_query. Ignored by --resume.",
     )
     recall_steps: int = Field(
         0,

@@ -37,7 +37,7 @@ from graftkit.data.tasks import length_label
 from graftkit.errors import GraftkitError
 from graftkit.progress import bar, status
 from graftkit.protocol import HiddenCache, turn2_batch
-from graftkit.recall import RecallHead, input_reads, recall_stage
+from graftkit.recall import RecallHead, input_reads, load_initial_head, recall_stage
 from graftkit.recipe import Recipe
 
 # updates in a row dropped for a non-finite loss or gradient before a run is declared diverged
@@ -203,6 +203,8 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
     if cfg.recall_steps or cfg.recall_weight:
         answers = sorted({s.target for bucket in train_buckets.values() for s in bucket})
         head = RecallHead(graft.backbone.hidden_size, answers, cfg.recall_query).to(accelerator.device)
+        if cfg.init_from and not resume:
+            print(f"recall: {load_initial_head(head, cfg.init_from)}")
     if cfg.recall_steps and not resume:  # a resumed run's checkpoint already holds what the stage trained
         show = progress and accelerator.is_main_process
         wanted = {length_label(n) for n in cfg.recall_lengths}

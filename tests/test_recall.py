@@ -218,3 +218,25 @@ def test_resuming_with_a_recall_head_that_does_not_fit_names_the_file(tmp_path):
     head_file.unlink()
     with pytest.raises(GraftkitError, match=r"--resume: .* has no recall_head.safetensors"):
         train(full, resume=True, progress=False)
+
+
+def test_init_from_carries_the_recall_head_it_was_trained_with(tmp_path, capsys):
+    settings = dict(steps=2, eval_every=1, recall_steps=1, recall_weight=0.5, recall_query="last_word")
+    first = train(recipe(tmp_path, "first", **settings), progress=False).run_dir
+    best = first / "checkpoints" / "best"
+    assert sorted(p.name for p in best.iterdir()) == ["graft.safetensors", "recall_head.safetensors", "trainer.json"]
+    step = json.loads((first / "checkpoints" / "best.json").read_text())["step"]
+    saved = load_file(str(first / "checkpoints" / f"step-{step:06d}" / "recall_head.safetensors"))
+    assert all(torch.equal(load_file(str(best / "recall_head.safetensors"))[k], saved[k]) for k in saved)
+    capsys.readouterr()
+    # a rate too small to move anything: the second run's head is the first run's best
+    still = dict(steps=1, eval_every=1, lr=1e-12, recall_weight=0.5, init_from=str(first))
+    second = train(recipe(tmp_path, "second", recall_query="last_word", **still), progress=False).run_dir
+    assert f"recall: the recall head in {best / 'recall_head.safetensors'}" in capsys.readouterr().out
+    after = load_file(str(second / "checkpoints" / "step-000001" / "recall_head.safetensors"))
+    assert all(torch.allclose(after[k], saved[k], atol=1e-8) for k in saved)
+    # a head trained with another query is not taken: the run starts a new one
+    other = train(recipe(tmp_path, "other", recall_query="mixture", **still), progress=False).run_dir
+    assert "recall: a new recall head (train.init_from: " in capsys.readouterr().out
+    fresh = load_file(str(other / "checkpoints" / "step-000001" / "recall_head.safetensors"))
+    assert not torch.allclose(fresh["linear.weight"], saved["linear.weight"])

@@ -132,7 +132,6 @@ def load_initial_head(head: RecallHead, init_from) -> str:
     checkpoint keeps it when it trained with `train.recall_weight`), if it was trained over the same answers
     with the same query; otherwise `head` stays new. Returns what was done, for the run's log."""
     from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
 
     from graftkit.checkpoint import initial_tensors_file
 
@@ -142,16 +141,23 @@ def load_initial_head(head: RecallHead, init_from) -> str:
     try:
         with safe_open(str(file), "pt") as handle:
             metadata = handle.metadata() or {}
-        tensors = load_file(str(file))
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}
     except (SafetensorError, OSError) as exc:
         raise GraftkitError(f"train.init_from: {file} is not a readable safetensors file ({exc})") from None
-    if "answers" in metadata and (json.loads(metadata["answers"]) != head.answers or metadata.get("query") != head.query):
+    if "answers" in metadata and (_json_or_none(metadata["answers"]) != head.answers or metadata.get("query") != head.query):
         return f"a new recall head (train.init_from: {file} was trained over other answers or with another recall_query)"
     own = head.state_dict()
     if tensors.keys() != own.keys() or any(tensors[k].shape != own[k].shape for k in own):
         return f"a new recall head (train.init_from: {file} does not fit this run's answers)"
     head.load_state_dict(tensors)
     return f"the recall head in {file}"
+
+
+def _json_or_none(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
 
 
 def recall_stage(graft, cache, head: RecallHead, train_buckets: dict, eval_buckets: dict, cfg, metrics=None, bar=None) -> dict:

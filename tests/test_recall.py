@@ -240,3 +240,19 @@ def test_init_from_carries_the_recall_head_it_was_trained_with(tmp_path, capsys)
     assert "recall: a new recall head (train.init_from: " in capsys.readouterr().out
     fresh = load_file(str(other / "checkpoints" / "step-000001" / "recall_head.safetensors"))
     assert not torch.allclose(fresh["linear.weight"], saved["linear.weight"])
+
+
+def test_a_recall_head_with_unreadable_metadata_is_not_taken(tmp_path):
+    from safetensors.torch import save_file
+
+    from graftkit.recall import load_initial_head
+
+    head = RecallHead(8, ["garden", "kitchen"], "last_word")
+    save_file({"graft": torch.zeros(1)}, str(tmp_path / "graft.safetensors"))
+    saved = {k: torch.ones_like(v) for k, v in head.state_dict().items()}
+    save_file(saved, str(tmp_path / "recall_head.safetensors"), metadata={"answers": "not json", "query": "last_word"})
+    assert load_initial_head(head, tmp_path).startswith("a new recall head (train.init_from: ")
+    assert not torch.equal(head.linear.weight, saved["linear.weight"])
+    save_file(saved, str(tmp_path / "recall_head.safetensors"), metadata=head.file_metadata())
+    assert load_initial_head(head, tmp_path) == f"the recall head in {tmp_path / 'recall_head.safetensors'}"
+    assert torch.equal(head.linear.weight, saved["linear.weight"])

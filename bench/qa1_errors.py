@@ -1,9 +1,12 @@
 """Classify a graft's wrong qa1 answers: another person's location, the person's earlier location, or neither.
 
 Reads the `predictions.jsonl` that `graftkit eval` writes, rebuilds the evaluated samples (same data
-seed + the evaluation offset) to see their facts, and counts the wrong outputs by kind.
+seed + the evaluation offset) to see their facts, and counts the wrong outputs by kind. With
+`--after`, it also gives the accuracy by how many context tokens follow the answer's supporting fact,
+that is, how much the memory writes after it: with a memory that never forgets, everything written later
+can wear the fact out.
 
-    python bench/qa1_errors.py RUN_DIR/eval/predictions.jsonl --length 1k --n 200 [--recipe RUN_DIR/recipe.yaml]
+    python bench/qa1_errors.py RUN_DIR/eval/predictions.jsonl --length 1k --n 200 [--recipe RUN_DIR/recipe.yaml] [--row graft] [--after]
 """
 
 from __future__ import annotations
@@ -13,9 +16,37 @@ import collections
 import json
 from pathlib import Path
 
+#: Upper edges (in tokens) of the `--after` bins; the last bin is open.
+AFTER_EDGES = (1000, 2000, 4000, 8000)
+
 
 def location(fact: str) -> str:
     return fact.rstrip(". ").split()[-1].lower()
+
+
+def tokens_after_answer(sample, tokenizer) -> int:
+    """Context tokens after the end of the sample's last supporting fact (its last occurrence in the story)."""
+    text, position, end = sample.context, 0, None
+    for fact in sample.facts:  # facts appear in story order
+        start = text.find(fact, position)
+        if start < 0:
+            continue
+        position = start + len(fact)
+        if fact == sample.supporting_facts[-1]:
+            end = position
+    if end is None:
+        raise SystemExit(f"qa1_errors: the supporting fact of {sample.source} is not in its context")
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    return sum(1 for a, _ in offsets if a >= end)
+
+
+def bin_label(tokens: int) -> str:
+    lower = 0
+    for edge in AFTER_EDGES:
+        if tokens < edge:
+            return f"{lower}-{edge}"
+        lower = edge
+    return f"{lower}+"
 
 
 def main() -> None:
@@ -24,6 +55,8 @@ def main() -> None:
     parser.add_argument("--length", default="1k")
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument("--recipe", default=None, help="default: recipe.yaml of the run the predictions belong to")
+    parser.add_argument("--row", default="graft", help="which row of the predictions to read (default: graft)")
+    parser.add_argument("--after", action="store_true", help="accuracy by context tokens after the answer's fact")
     args = parser.parse_args()
 
     from graftkit.api import load_backbone
@@ -38,14 +71,18 @@ def main() -> None:
                              tokenizer=backbone.tokenizer, books=recipe.data.books, babi_dir=recipe.data.babi_dir)
     by_uid = {s.uid: s for s in samples}
     counts = collections.Counter()
+    after = collections.defaultdict(list)  # bin -> correct flags
     for line in path.read_text().splitlines():
         p = json.loads(line)
-        if p["row"] != "graft" or p["task"] != "qa1" or p["length"] != args.length:
+        if p["row"] != args.row or p["task"] != "qa1" or p["length"] != args.length:
             continue
         sample = by_uid.get(p["uid"])
         if sample is None:
             counts["sample not rebuilt (other --n or seed?)"] += 1
-        elif p["correct"]:
+            continue
+        if args.after:
+            after[bin_label(tokens_after_answer(sample, backbone.tokenizer))].append(bool(p["correct"]))
+        if p["correct"]:
             counts["right"] += 1
         else:
             person = p["question"].rstrip("?").split()[-1]
@@ -58,8 +95,15 @@ def main() -> None:
                 counts["another person's location"] += 1
             else:
                 counts["not a location of the story"] += 1
+    if not counts:
+        raise SystemExit(f"qa1_errors: no {args.row!r} qa1 predictions at {args.length} in {path}")
     for kind, count in counts.most_common():
         print(f"{count:5d}  {kind}")
+    if args.after:
+        print("tokens after the answer's fact | right | of")
+        for label in sorted(after, key=lambda b: int(b.split("-")[0].rstrip("+"))):
+            flags = after[label]
+            print(f"{label:>30} | {sum(flags) / len(flags):5.1%} | {len(flags)}")
 
 
 if __name__ == "__main__":

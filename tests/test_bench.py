@@ -1,0 +1,43 @@
+"""The diagnostics in bench/ whose numbers BENCHMARKS.md reads: what they count."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+from qa1_errors import bin_label, tokens_after_answer  # noqa: E402
+
+
+class WordTokenizer:
+    """One token per run of non-space characters, with character offsets like a fast tokenizer's."""
+
+    def __call__(self, text, add_special_tokens=False, return_offsets_mapping=False):
+        return {"offset_mapping": [m.span() for m in re.finditer(r"\S+", text)]}
+
+
+def story(context: str, facts: tuple[str, ...], supporting: str):
+    return SimpleNamespace(context=context, facts=facts, supporting_facts=(supporting,), source="qa1/test/story1/line3")
+
+
+def test_tokens_after_answer_counts_everything_written_after_the_supporting_fact():
+    facts = ("Mary went to the kitchen.", "John moved to the hall.")
+    sample = story("Mary went to the kitchen. Book words here. John moved to the hall. More book text.", facts, facts[0])
+    assert tokens_after_answer(sample, WordTokenizer()) == 3 + 5 + 3
+    sample = story(sample.context, facts, facts[1])
+    assert tokens_after_answer(sample, WordTokenizer()) == 3
+
+
+def test_tokens_after_answer_takes_the_last_telling_of_a_repeated_fact():
+    facts = ("Mary went to the kitchen.", "John moved to the hall.", "Mary went to the kitchen.")
+    context = "Mary went to the kitchen. Book. John moved to the hall. Mary went to the kitchen. End of book."
+    assert tokens_after_answer(story(context, facts, facts[0]), WordTokenizer()) == 3
+
+
+def test_after_bins_are_half_open():
+    assert [bin_label(t) for t in (0, 999, 1000, 7999, 8000, 20000)] == [
+        "0-1000", "0-1000", "1000-2000", "4000-8000", "8000+", "8000+"
+    ]

@@ -4,9 +4,11 @@ Reads the `predictions.jsonl` that `graftkit eval` writes, rebuilds the evaluate
 seed + the evaluation offset) to see their facts, and counts the wrong outputs by kind. With
 `--after`, it also gives the accuracy by how many context tokens follow the answer's supporting fact,
 that is, how much the memory writes after it: with a memory that never forgets, everything written later
-can wear the fact out.
+can wear the fact out. With `--later`, the accuracy by how many of the story's facts follow it (0, 1, 2 or
+more); this depends on the bAbI question only, not on the length, so two lengths' evaluations of the same
+questions (the first 100 test questions are the same at every length) compare question by question.
 
-    python bench/qa1_errors.py RUN_DIR/eval/predictions.jsonl --length 1k --n 200 [--recipe RUN_DIR/recipe.yaml] [--row graft] [--after]
+    python bench/qa1_errors.py RUN_DIR/eval/predictions.jsonl --length 1k --n 200 [--recipe RUN_DIR/recipe.yaml] [--row graft] [--after] [--later]
 """
 
 from __future__ import annotations
@@ -22,6 +24,14 @@ AFTER_EDGES = (1000, 2000, 4000, 8000)
 
 def location(fact: str) -> str:
     return fact.rstrip(". ").split()[-1].lower()
+
+
+def answer_index(sample) -> int:
+    """Index in `sample.facts` of the last telling of the last supporting fact."""
+    told = [i for i, fact in enumerate(sample.facts) if fact == sample.supporting_facts[-1]]
+    if not told:
+        raise SystemExit(f"qa1_errors: the supporting fact of {sample.source} is not among its facts")
+    return told[-1]
 
 
 def tokens_after_answer(sample, tokenizer) -> int:
@@ -57,6 +67,7 @@ def main() -> None:
     parser.add_argument("--recipe", default=None, help="default: recipe.yaml of the run the predictions belong to")
     parser.add_argument("--row", default="graft", help="which row of the predictions to read (default: graft)")
     parser.add_argument("--after", action="store_true", help="accuracy by context tokens after the answer's fact")
+    parser.add_argument("--later", action="store_true", help="accuracy by the story's facts after the answer's fact")
     args = parser.parse_args()
 
     from graftkit.api import load_backbone
@@ -72,6 +83,7 @@ def main() -> None:
     by_uid = {s.uid: s for s in samples}
     counts = collections.Counter()
     after = collections.defaultdict(list)  # bin -> correct flags
+    later = collections.defaultdict(list)  # 0, 1, 2 (2 or more) -> correct flags
     for line in path.read_text().splitlines():
         p = json.loads(line)
         if p["row"] != args.row or p["task"] != "qa1" or p["length"] != args.length:
@@ -82,6 +94,8 @@ def main() -> None:
             continue
         if args.after:
             after[bin_label(tokens_after_answer(sample, backbone.tokenizer))].append(bool(p["correct"]))
+        if args.later:
+            later[min(len(sample.facts) - 1 - answer_index(sample), 2)].append(bool(p["correct"]))
         if p["correct"]:
             counts["right"] += 1
         else:
@@ -104,6 +118,11 @@ def main() -> None:
         for label in sorted(after, key=lambda b: int(b.split("-")[0].rstrip("+"))):
             flags = after[label]
             print(f"{label:>30} | {sum(flags) / len(flags):5.1%} | {len(flags)}")
+    if args.later:
+        print("story facts after the answer's fact | right | of")
+        for count in sorted(later):
+            flags = later[count]
+            print(f"{str(count) + ('+' if count == 2 else ''):>35} | {sum(flags) / len(flags):5.1%} | {len(flags)}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from qa1_errors import bin_label, tokens_after_answer  # noqa: E402
+from qa1_errors import answer_index, bin_label, tokens_after_answer  # noqa: E402
 
 
 class WordTokenizer:
@@ -41,3 +41,9 @@ def test_after_bins_are_half_open():
     assert [bin_label(t) for t in (0, 999, 1000, 7999, 8000, 20000)] == [
         "0-1000", "0-1000", "1000-2000", "4000-8000", "8000+", "8000+"
     ]
+
+
+def test_answer_index_is_the_last_telling_of_the_supporting_fact():
+    facts = ("Mary went to the kitchen.", "John moved to the hall.", "Mary went to the kitchen.", "Sandra went to the garden.")
+    assert answer_index(story("", facts, facts[0])) == 2
+    assert answer_index(story("", facts, facts[1])) == 1

@@ -6,7 +6,7 @@ seed + the evaluation offset) to see their facts, and counts the wrong outputs b
 that is, how much the memory writes after it: with a memory that never forgets, everything written later
 can wear the fact out. With `--later`, the accuracy by how many of the story's facts follow it (0, 1, 2 or
 more); this depends on the bAbI question only, not on the length, so two lengths' evaluations of the same
-questions (the first 100 test questions are the same at every length) compare question by question.
+questions compare question by question (at 1k, 4k and 16k the first 100 test questions are the same).
 
     python bench/qa1_errors.py RUN_DIR/eval/predictions.jsonl --length 1k --n 200 [--recipe RUN_DIR/recipe.yaml] [--row graft] [--after] [--later]
 """

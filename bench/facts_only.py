@@ -16,6 +16,7 @@ context, `facts_only` for the facts alone), so `bench/qa1_errors.py --row facts_
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 from run_cli import run, run_parser
@@ -24,7 +25,10 @@ from run_cli import run, run_parser
 def main() -> None:
     parser = run_parser(__doc__, lengths="1k,16k", n=100, n_help="test samples per length")
     parser.add_argument("--out", default=None, help="write every answer to this JSONL file")
-    run("facts_only", measure, parser.parse_args())
+    args = parser.parse_args()
+    if args.out and not Path(args.out).resolve().parent.is_dir():  # before the measurement, not after it
+        raise SystemExit(f"facts_only: --out {args.out}: its folder does not exist")
+    run("facts_only", measure, args)
 
 
 def measure(args) -> None:

@@ -5,7 +5,7 @@ seed + the evaluation offset) to see their facts, and counts the wrong outputs b
 `--after`, it also gives the accuracy by how many context tokens follow the answer's supporting fact,
 that is, how much the memory writes after it: with a memory that never forgets, everything written later
 can wear the fact out. With `--later`, the accuracy by how many of the story's facts follow it (0, 1, 2 or
-more); this depends on the bAbI question only, not on the length, so two lengths' evaluations of the same
+more), and how many wrong answers name the place of one of those later facts; this depends on the bAbI question only, not on the length, so two lengths' evaluations of the same
 questions compare question by question (at 1k, 4k and 16k the first 100 test questions are the same).
 
     python bench/qa1_errors.py RUN_DIR/eval/predictions.jsonl --length 1k --n 200 [--recipe RUN_DIR/recipe.yaml] [--row graft] [--after] [--later]
@@ -35,19 +35,15 @@ def answer_index(sample) -> int:
 
 
 def tokens_after_answer(sample, tokenizer) -> int:
-    """Context tokens after the end of the sample's last supporting fact (its last occurrence in the story)."""
-    text, position, end = sample.context, 0, None
-    for fact in sample.facts:  # facts appear in story order
+    """Context tokens after the end of the answer's fact (`answer_index`) in the sample's context."""
+    text, position, last = sample.context, 0, answer_index(sample)
+    for fact in sample.facts[: last + 1]:  # facts appear in story order
         start = text.find(fact, position)
         if start < 0:
-            continue
+            raise SystemExit(f"qa1_errors: a fact of {sample.source} is not in its context: {fact!r}")
         position = start + len(fact)
-        if fact == sample.supporting_facts[-1]:
-            end = position
-    if end is None:
-        raise SystemExit(f"qa1_errors: the supporting fact of {sample.source} is not in its context")
     offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-    return sum(1 for a, _ in offsets if a >= end)
+    return sum(1 for a, _ in offsets if a >= position)
 
 
 def bin_label(tokens: int) -> str:
@@ -75,8 +71,15 @@ def main() -> None:
     from graftkit.evaluate import EVAL_SEED_OFFSET
     from graftkit.recipe import load_recipe
 
+    from graftkit.errors import GraftkitError
+
     path = Path(args.predictions)
-    recipe = load_recipe(args.recipe or path.parent.parent / "recipe.yaml")
+    if not path.is_file():
+        raise SystemExit(f"qa1_errors: {path}: no such predictions file")
+    try:
+        recipe = load_recipe(args.recipe or path.parent.parent / "recipe.yaml")
+    except GraftkitError as exc:
+        raise SystemExit(f"qa1_errors: {exc} (give the run's recipe with --recipe)") from None
     backbone = load_backbone({"kind": recipe.backbone.kind, **recipe.backbone.options()})
     samples = build_babilong("qa1", "test", args.length, args.n, seed=recipe.data.seed + EVAL_SEED_OFFSET,
                              tokenizer=backbone.tokenizer, books=recipe.data.books, babi_dir=recipe.data.babi_dir)
@@ -84,6 +87,7 @@ def main() -> None:
     counts = collections.Counter()
     after = collections.defaultdict(list)  # bin -> correct flags
     later = collections.defaultdict(list)  # 0, 1, 2 (2 or more) -> correct flags
+    wrong, taken_over = 0, 0  # wrong answers; of them, those naming the place of a fact told after the answer's
     for line in path.read_text().splitlines():
         p = json.loads(line)
         if p["row"] != args.row or p["task"] != "qa1" or p["length"] != args.length:
@@ -95,7 +99,11 @@ def main() -> None:
         if args.after:
             after[bin_label(tokens_after_answer(sample, backbone.tokenizer))].append(bool(p["correct"]))
         if args.later:
-            later[min(len(sample.facts) - 1 - answer_index(sample), 2)].append(bool(p["correct"]))
+            index = answer_index(sample)
+            later[min(len(sample.facts) - 1 - index, 2)].append(bool(p["correct"]))
+            if not p["correct"]:
+                wrong += 1
+                taken_over += any(location(f) in p["output"].lower() for f in sample.facts[index + 1 :])
         if p["correct"]:
             counts["right"] += 1
         else:
@@ -123,6 +131,7 @@ def main() -> None:
         for count in sorted(later):
             flags = later[count]
             print(f"{str(count) + ('+' if count == 2 else ''):>35} | {sum(flags) / len(flags):5.1%} | {len(flags)}")
+        print(f"wrong answers naming the place of a fact told after the answer's: {taken_over} of {wrong}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,13 @@ layers (and of the full stop after it), and fits a multinomial logistic regressi
 fact's subject (train split contexts), scored on test split contexts. A probe for the location on the
 location token's states is the sanity check. Chance is about 1 / (number of people), 25% in qa1.
 
-    python bench/binding_probe.py [--length 1k] [--train 150] [--test 100] [--layers 0,4,8,12,16,20,24,30] [--threads N]
+`--segment N` runs each context in independent segments of N tokens, as a graft's turn 1 does
+(`memory.segment_tokens`; only the segments holding a fact are run); without it a context runs whole.
+`--test-length L` scores the probes on test contexts of another length than they were fitted on (e.g.
+fitted at 1k, scored at 16k: whether what tells people apart at 1k still does in a long context).
+
+    python bench/binding_probe.py [--length 1k] [--test-length L] [--train 150] [--test 100]
+        [--layers 0,4,8,12,16,20,24,30] [--segment N] [--threads N]
 """
 
 from __future__ import annotations
@@ -38,8 +44,54 @@ def fact_positions(tokenizer, sample) -> tuple[list[int], list[tuple[int, int, s
     return encoded["input_ids"], found
 
 
+class _Stop(Exception):
+    pass
+
+
+def layer_outputs(backbone, ids: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
+    """Hidden states (b n d) after each decoder layer in `layers` (0 = embeddings), running no layer past the deepest."""
+    found = {0: backbone.embedding(ids)} if 0 in layers else {}
+    deepest = max(layers)
+
+    def grab(layer):
+        def hook(module, args, output):
+            found[layer] = output[0] if isinstance(output, tuple) else output
+            if layer == deepest:
+                raise _Stop
+
+        return hook
+
+    handles = [backbone.layers[layer - 1].register_forward_hook(grab(layer)) for layer in layers if layer > 0]
+    try:
+        if deepest > 0:
+            backbone.model.model(input_ids=ids, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found
+
+
 @torch.no_grad()
-def collect(backbone, samples, layers: list[int]) -> tuple[dict, dict, list[str], list[str]]:
+def states_at(backbone, ids: list[int], positions: list[int], layers: list[int], segment: int) -> dict[int, torch.Tensor]:
+    """Per layer, the hidden states (p d) at `positions` of `ids`, run whole (`segment` 0) or in
+    independent segments of `segment` tokens (only those holding a position)."""
+    spans = [(0, len(ids))] if segment <= 0 else [(s, s + segment) for s in range(0, len(ids), segment)]
+    found = {layer: {} for layer in layers}
+    for start, end in spans:
+        inside = [p for p in positions if start <= p < end]
+        if not inside:
+            continue
+        hidden = layer_outputs(backbone, torch.tensor([ids[start:end]], device=backbone.device), layers)
+        for layer in layers:
+            for p in inside:
+                found[layer][p] = hidden[layer][0, p - start].float().cpu()
+    return {layer: torch.stack([found[layer][p] for p in positions]) for layer in layers}
+
+
+@torch.no_grad()
+def collect(backbone, samples, layers: list[int], segment: int = 0) -> tuple[dict, dict, list[str], list[str]]:
     """Per layer, the states (f d) of every fact's location token and full stop; subjects and locations (f)."""
     states, stops = {layer: [] for layer in layers}, {layer: [] for layer in layers}
     subjects, locations = [], []
@@ -47,11 +99,11 @@ def collect(backbone, samples, layers: list[int]) -> tuple[dict, dict, list[str]
         ids, facts = fact_positions(backbone.tokenizer, sample)
         if not facts:
             continue
-        out = backbone.model(torch.tensor([ids], device=backbone.device), output_hidden_states=True)
-        where, stop = torch.tensor([f[0] for f in facts]), torch.tensor([f[1] for f in facts])
+        where, stop = [f[0] for f in facts], [f[1] for f in facts]
+        found = states_at(backbone, ids, where + stop, layers, segment)
         for layer in layers:
-            states[layer].append(out.hidden_states[layer][0, where].float().cpu())
-            stops[layer].append(out.hidden_states[layer][0, stop].float().cpu())
+            states[layer].append(found[layer][: len(where)])
+            stops[layer].append(found[layer][len(where) :])
         subjects += [f[2] for f in facts]
         locations += [f[3] for f in facts]
     joined = lambda rows: {layer: torch.cat(r) for layer, r in rows.items()}  # noqa: E731
@@ -84,9 +136,11 @@ def probe(train_x: torch.Tensor, train_y: list[str], test_x: torch.Tensor, test_
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--length", default="1k")
+    parser.add_argument("--test-length", default=None, help="length of the test contexts (default: --length)")
     parser.add_argument("--train", type=int, default=150, help="train split contexts")
     parser.add_argument("--test", type=int, default=100, help="test split contexts")
     parser.add_argument("--layers", default="0,4,8,12,16,20,24,30")
+    parser.add_argument("--segment", type=int, default=0, help="tokens per independent segment (0: whole context)")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.threads:
@@ -98,11 +152,13 @@ def main() -> None:
     backbone = graftkit.load_backbone({"kind": "llama"})
     layers = [int(v) for v in args.layers.split(",")]
     tok = backbone.tokenizer
-    train = collect(backbone, build_babilong("qa1", "train", args.length, args.train, seed=0, tokenizer=tok), layers)
-    test = collect(backbone, build_babilong("qa1", "test", args.length, args.test, seed=0, tokenizer=tok), layers)
+    test_length = args.test_length or args.length
+    train = collect(backbone, build_babilong("qa1", "train", args.length, args.train, seed=0, tokenizer=tok), layers, args.segment)
+    test = collect(backbone, build_babilong("qa1", "test", test_length, args.test, seed=0, tokenizer=tok), layers, args.segment)
     people = len(set(train[2]))
-    print(f"qa1 at {args.length}: {len(train[2])} train facts, {len(test[2])} test facts, {people} people "
-          f"(chance {1 / people:.0%}); test accuracy of linear probes")
+    run_as = f"segments of {args.segment} tokens" if args.segment > 0 else "whole contexts"
+    print(f"qa1, fitted at {args.length}, scored at {test_length} ({run_as}): {len(train[2])} train facts, "
+          f"{len(test[2])} test facts, {people} people (chance {1 / people:.0%}); test accuracy of linear probes")
     print("| hidden state | subject from the location token | subject from the full stop | location from the location token |")
     print("|---:|---:|---:|---:|")
     for layer in layers:

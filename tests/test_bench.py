@@ -9,6 +9,9 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
+import torch  # noqa: E402
+from binding_probe import layer_outputs, states_at  # noqa: E402
+from key_overlap import fact_spans  # noqa: E402
 from qa1_errors import answer_index, bin_label, tokens_after_answer  # noqa: E402
 
 
@@ -47,3 +50,30 @@ def test_answer_index_is_the_last_telling_of_the_supporting_fact():
     facts = ("Mary went to the kitchen.", "John moved to the hall.", "Mary went to the kitchen.", "Sandra went to the garden.")
     assert answer_index(story("", facts, facts[0])) == 2
     assert answer_index(story("", facts, facts[1])) == 1
+
+
+def test_fact_spans_mark_each_fact_and_its_subject():
+    facts = ("Mary went to the kitchen.", "John moved to the hall.", "Mary went to the kitchen.")
+    sample = story("Mary went to the kitchen. Book. John moved to the hall. Mary went to the kitchen. End.", facts, facts[0])
+    spans = fact_spans(sample, WordTokenizer()(sample.context)["offset_mapping"])
+    assert [who for _, who in spans] == ["Mary", "John", "Mary"]
+    assert [list(inside.nonzero()[0]) for inside, _ in spans] == [[0, 1, 2, 3, 4], [6, 7, 8, 9, 10], [11, 12, 13, 14, 15]]
+
+
+def test_layer_outputs_are_the_backbone_hidden_states(tiny_backbone):
+    backbone = tiny_backbone("llama")
+    ids = torch.randint(3, 200, (1, 12))
+    found = layer_outputs(backbone, ids, [0, 1, 2])
+    for layer in (0, 1, 2):
+        assert torch.allclose(found[layer], backbone.hidden_states(ids, layer), atol=1e-6)
+
+
+def test_states_at_runs_segments_independently(tiny_backbone):
+    backbone = tiny_backbone("llama")
+    ids = torch.randint(3, 200, (10,)).tolist()
+    whole = states_at(backbone, ids, [2, 7], [2], segment=0)[2]
+    split = states_at(backbone, ids, [2, 7], [2], segment=5)[2]
+    alone = backbone.hidden_states(torch.tensor([ids[5:]]), 2)[0, 2]
+    assert torch.allclose(whole[0], split[0], atol=1e-5)  # position 2 sees the same tokens either way
+    assert torch.allclose(split[1], alone, atol=1e-5)  # position 7 sees only its own segment
+    assert not torch.allclose(whole[1], split[1], atol=1e-3)

@@ -10,6 +10,7 @@ Legend: b batch, n tokens, d hidden size.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from typing import ClassVar, Literal
 
 import torch
@@ -134,23 +135,32 @@ class HFBackbone:
         """Hidden states (b n d) after decoder layer `layer` (0 = embeddings), running only layers < layer."""
         if not 0 <= layer <= self.num_layers:
             raise GraftkitError(f"memory.write_layer: {layer} is outside 0..{self.num_layers} for this backbone")
+        return self.layer_states(input_ids, [layer], attention_mask)[layer]
+
+    def layer_states(self, input_ids: torch.Tensor, layers: Sequence[int], attention_mask: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+        """Hidden states (b n d) after each decoder layer in `layers` (0 = embeddings), running no layer past the deepest."""
         input_ids = input_ids.to(self.device)
-        if layer == 0:
-            return self.embedding(input_ids)
-        captured: list[torch.Tensor] = []
+        found = {0: self.embedding(input_ids)} if 0 in layers else {}
+        deepest = max(layers)
 
-        def grab(module, args, output):
-            captured.append(output[0] if isinstance(output, tuple) else output)
-            raise _StopForward
+        def grab(layer: int):
+            def hook(module, args, output):
+                found[layer] = output[0] if isinstance(output, tuple) else output
+                if layer == deepest:
+                    raise _StopForward
 
-        handle = self.layers[layer - 1].register_forward_hook(grab)
+            return hook
+
+        handles = [self.layers[layer - 1].register_forward_hook(grab(layer)) for layer in set(layers) if layer > 0]
         try:
-            self.model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            if deepest > 0:
+                self.model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         except _StopForward:
             pass
         finally:
-            handle.remove()
-        return captured[0]
+            for handle in handles:
+                handle.remove()
+        return found
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Next-token logits (... vocab) of states in the last layer's space: the final norm, then the LM head."""

@@ -44,35 +44,6 @@ def fact_positions(tokenizer, sample) -> tuple[list[int], list[tuple[int, int, s
     return encoded["input_ids"], found
 
 
-class _Stop(Exception):
-    pass
-
-
-def layer_outputs(backbone, ids: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
-    """Hidden states (b n d) after each decoder layer in `layers` (0 = embeddings), running no layer past the deepest."""
-    found = {0: backbone.embedding(ids)} if 0 in layers else {}
-    deepest = max(layers)
-
-    def grab(layer):
-        def hook(module, args, output):
-            found[layer] = output[0] if isinstance(output, tuple) else output
-            if layer == deepest:
-                raise _Stop
-
-        return hook
-
-    handles = [backbone.layers[layer - 1].register_forward_hook(grab(layer)) for layer in layers if layer > 0]
-    try:
-        if deepest > 0:
-            backbone.model.model(input_ids=ids, use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
-    return found
-
-
 @torch.no_grad()
 def states_at(backbone, ids: list[int], positions: list[int], layers: list[int], segment: int) -> dict[int, torch.Tensor]:
     """Per layer, the hidden states (p d) at `positions` of `ids`, run whole (`segment` 0) or in
@@ -83,7 +54,7 @@ def states_at(backbone, ids: list[int], positions: list[int], layers: list[int],
         inside = [p for p in positions if start <= p < end]
         if not inside:
             continue
-        hidden = layer_outputs(backbone, torch.tensor([ids[start:end]], device=backbone.device), layers)
+        hidden = backbone.layer_states(torch.tensor([ids[start:end]]), layers)
         for layer in layers:
             for p in inside:
                 found[layer][p] = hidden[layer][0, p - start].float().cpu()

@@ -7,7 +7,7 @@ pairs about the same person (whose later fact should take over the earlier one's
 about different people (whose overlap lets a later fact take over the read of another person). A
 delta-rule write of fact g changes the read of fact f's key by about its strength times their cosine,
 so the different-person mean is the interference a long context's answers suffer from. Turn-1 states
-come from the hidden-state cache when `graftkit eval` has filled it, else from the backbone.
+come from the hidden-state cache (`graftkit eval` fills it; what is missing is computed and stored).
 
     python bench/key_overlap.py RUN_DIR [key=value ...] [--checkpoint best] [--lengths 1k,16k] [--n 30] [--threads N]
 """
@@ -74,7 +74,7 @@ def measure(args) -> None:
         same, other, masses = [], [], []
         for sample in samples:
             with torch.no_grad():
-                hidden, _ = cache.get([sample]) if cache.has(sample) else (graft.context_hidden(*graft.tokenize_context([sample.context])), None)
+                hidden, _ = cache.get([sample])
                 offsets = tokenizer(sample.context, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
                 spans = fact_spans(sample, offsets)
                 if len(spans) < 2:
@@ -85,8 +85,11 @@ def measure(args) -> None:
             for f in range(len(spans)):
                 for g in range(f + 1, len(spans)):
                     (same if spans[f][1] == spans[g][1] else other).append(cosines[:, f, g])
-        head = int(torch.stack(masses).sum(0).argmax())
-        share = float(torch.stack(masses).sum(0)[head] / torch.stack(masses).sum())
+        if not masses:
+            raise SystemExit(f"key_overlap: no {length} test story has two facts found in its context")
+        per_head = torch.stack(masses).sum(0)
+        head = int(per_head.argmax())
+        share = float(per_head[head] / per_head.sum())
         mean = lambda rows: float(torch.stack(rows)[:, head].mean()) if rows else float("nan")  # noqa: E731
         print(f"| {length} | {head} | {mean(same):.3f} ({len(same)}) | {mean(other):.3f} ({len(other)}) | {share:.0%} |")
 

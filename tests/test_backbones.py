@@ -98,6 +98,17 @@ def test_hidden_states_match_transformers(backbone, ids):
         assert not torch.allclose(last, reference[-1])  # documents the difference
 
 
+def test_layer_states_match_transformers_in_one_pass(backbone, ids):
+    """layer_states gives every asked layer at once, each equal to transformers' hidden state."""
+    layers = list(range(backbone.num_layers))
+    with torch.no_grad():
+        reference = backbone.model(ids, output_hidden_states=True).hidden_states
+        found = backbone.layer_states(ids, layers)
+    assert sorted(found) == layers
+    for layer in layers:
+        torch.testing.assert_close(found[layer], reference[layer], rtol=0, atol=0, msg=f"layer {layer}")
+
+
 def test_logits_of_the_last_layer_output_are_the_model_logits(backbone, ids):
     with torch.no_grad():
         last = backbone.hidden_states(ids, backbone.num_layers)

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import torch  # noqa: E402
-from binding_probe import layer_outputs, states_at  # noqa: E402
+from binding_probe import states_at  # noqa: E402
 from key_overlap import fact_spans  # noqa: E402
 from qa1_errors import answer_index, bin_label, tokens_after_answer  # noqa: E402
 
@@ -58,14 +58,6 @@ def test_fact_spans_mark_each_fact_and_its_subject():
     spans = fact_spans(sample, WordTokenizer()(sample.context)["offset_mapping"])
     assert [who for _, who in spans] == ["Mary", "John", "Mary"]
     assert [list(inside.nonzero()[0]) for inside, _ in spans] == [[0, 1, 2, 3, 4], [6, 7, 8, 9, 10], [11, 12, 13, 14, 15]]
-
-
-def test_layer_outputs_are_the_backbone_hidden_states(tiny_backbone):
-    backbone = tiny_backbone("llama")
-    ids = torch.randint(3, 200, (1, 12))
-    found = layer_outputs(backbone, ids, [0, 1, 2])
-    for layer in (0, 1, 2):
-        assert torch.allclose(found[layer], backbone.hidden_states(ids, layer), atol=1e-6)
 
 
 def test_states_at_runs_segments_independently(tiny_backbone):

@@ -42,7 +42,10 @@ def fact_keys(graft, hidden: torch.Tensor, spans) -> tuple[torch.Tensor, torch.T
     """Per fact, unit keys per head (f h e) weighted by write strength, and each fact's write mass per head (f h)."""
     memory = graft.memory
     x = graft.write_norm(hidden.float()) if graft.write_norm is not None else hidden.float()
-    keys = F.normalize(rearrange(memory.to_keys(x), "b n (h e) -> b n h e", h=memory.config.heads), dim=-1)[0]
+    key_x = x
+    if memory.key_mix is not None:  # keys from a window of written inputs, as `_write` computes them
+        key_x, _ = memory.key_mix(x, memory.key_mix.empty_tail(x.shape[0], x.device, x.dtype), None)
+    keys = F.normalize(rearrange(memory.to_keys(key_x), "b n (h e) -> b n h e", h=memory.config.heads), dim=-1)[0]
     beta = memory.write_strengths(x)[0]  # n h
     rows, masses = [], []
     for inside, _ in spans:
@@ -61,8 +64,8 @@ def measure(args) -> None:
 
     recipe, graft, info = load_run(args.run_dir, args.checkpoint, overrides=args.overrides)
     graft.eval()
-    if recipe.memory.kind != "linear" or getattr(graft.memory, "key_mix", None) is not None:
-        raise SystemExit("key_overlap reads the keys of a linear memory without key_span")
+    if recipe.memory.kind != "linear":
+        raise SystemExit(f"key_overlap reads the keys of a linear memory; {args.run_dir} has a {recipe.memory.kind} memory")
     cache = HiddenCache(graft, "auto")
     tokenizer = graft.backbone.tokenizer
     print(f"{args.run_dir} ({args.checkpoint}: step {info.get('step')}), n = {args.n} per length")

@@ -10,8 +10,12 @@ from types import SimpleNamespace
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from einops import rearrange  # noqa: E402
 from binding_probe import states_at  # noqa: E402
-from key_overlap import fact_spans  # noqa: E402
+from key_overlap import fact_keys, fact_spans  # noqa: E402
+
+from memories.linear import LinearMemory  # noqa: E402
 from qa1_errors import answer_index, bin_label, tokens_after_answer  # noqa: E402
 
 
@@ -58,6 +62,25 @@ def test_fact_spans_mark_each_fact_and_its_subject():
     spans = fact_spans(sample, WordTokenizer()(sample.context)["offset_mapping"])
     assert [who for _, who in spans] == ["Mary", "John", "Mary"]
     assert [list(inside.nonzero()[0]) for inside, _ in spans] == [[0, 1, 2, 3, 4], [6, 7, 8, 9, 10], [11, 12, 13, 14, 15]]
+
+
+def test_fact_keys_are_the_keys_a_write_stores_under_with_key_span():
+    torch.manual_seed(0)
+    memory = LinearMemory(LinearMemory.Config(dim=16, heads=2, dim_head=8, decay=False, key_span=3))
+    with torch.no_grad():
+        memory.key_mix.weight.normal_()  # a trained window: the key at token 2 carries tokens 0 and 1
+        x = torch.randn(1, 5, 16)
+        inside = torch.zeros(5, dtype=torch.bool)
+        inside[2] = True
+        keys, mass = fact_keys(SimpleNamespace(memory=memory, write_norm=None), x, [(inside.numpy(), "Mary")])
+        w = memory.write(x[:, :3], memory.init_state(1))["w"][0] - memory.write(x[:, :2], memory.init_state(1))["w"][0]
+        plain = F.normalize(rearrange(memory.to_keys(x[0, 2]), "(h e) -> h e", h=2), dim=-1)
+    # a delta-rule write of one token adds beta (v - W k) k^T: every row of the change lies along its key k
+    stored = F.normalize(w[:, 0], dim=-1)  # h e, the first row of each head's change
+    sign = (stored * keys[0]).sum(-1).sign()[:, None]
+    torch.testing.assert_close(stored * sign, keys[0], rtol=1e-4, atol=1e-5)
+    assert (keys[0] * plain).sum(-1).abs().max() < 0.99  # not the token's own key
+    torch.testing.assert_close(mass[0], memory.write_strengths(x)[0, 2])
 
 
 def test_states_at_runs_segments_independently(tiny_backbone):

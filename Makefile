@@ -26,7 +26,7 @@ eval: setup
 	$(VENV)/bin/graftkit eval $(RUN) --n 200 $(ARGS)
 
 test: setup
-	$(PY) -m pip install --quiet --no-deps -e tests/plugins/graftkit-test-plugin -e examples/graftkit-example-injector
+	$(PY) -m pip install --quiet --no-deps -e tests/plugins/graftkit-test-plugin -e tests/plugins/graftkit-test-task -e examples/graftkit-example-injector
 	$(VENV)/bin/pytest $(ARGS)
 
 bench: setup

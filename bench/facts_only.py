@@ -44,14 +44,14 @@ def measure(args) -> None:
     graft.eval()
     cache = HiddenCache(graft, "auto")
     tokenizer = graft.backbone.tokenizer
-    task = recipe.data.tasks[0]
+    task = recipe.task_configs()[0].tasks[0]
     changed = f", {' '.join(args.overrides)}" if args.overrides else ""
     print(f"{args.run_dir} ({args.checkpoint}: step {info.get('step')}{changed}), {task}, n = {args.n} per length")
     print("length | whole context written | facts only")
     answers = []
     for length in args.lengths.split(","):
-        samples = build_babilong(task, "test", length, args.n, seed=recipe.data.seed + EVAL_SEED_OFFSET,
-                                 tokenizer=tokenizer, books=recipe.data.books, babi_dir=recipe.data.babi_dir)
+        samples = build_babilong(task, "test", length, args.n, seed=recipe.task_configs()[0].seed + EVAL_SEED_OFFSET,
+                                 tokenizer=tokenizer, books=recipe.task_configs()[0].books, babi_dir=recipe.task_configs()[0].babi_dir)
         cache.fill(samples)
         right = {"graft": 0, "facts_only": 0}
         for start in bar(range(0, len(samples), 4), desc=length, leave=False):

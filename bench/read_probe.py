@@ -67,8 +67,8 @@ def main() -> None:
         raise SystemExit(f"{run}: the injector does not read the memory at every position (direct_read)")
     tok = graft.backbone.tokenizer
     cache = HiddenCache(graft)
-    train = build_babilong("qa1", "train", args.length, args.train, seed=recipe.data.seed, tokenizer=tok)
-    test = build_babilong("qa1", "test", args.length, args.test, seed=recipe.data.seed + EVAL_SEED_OFFSET, tokenizer=tok)
+    train = build_babilong("qa1", "train", args.length, args.train, seed=recipe.task_configs()[0].seed, tokenizer=tok)
+    test = build_babilong("qa1", "test", args.length, args.test, seed=recipe.task_configs()[0].seed + EVAL_SEED_OFFSET, tokenizer=tok)
     cache.fill(train)
     cache.fill(test)
     fit, scored = collect(graft, train, cache), collect(graft, test, cache)

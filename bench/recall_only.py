@@ -103,19 +103,20 @@ def main() -> None:
     from graftkit.protocol import HiddenCache
     from graftkit.recall import answer_logprobs
     from graftkit.recipe import load_recipe
-    from graftkit.train import build_samples
+    from graftkit.task import build_task
+    from graftkit.train import build_buckets
 
     recipe = load_recipe(args.recipe, args.overrides)
     torch.manual_seed(recipe.train.seed)
     graft = build_graft(recipe)
     if not (isinstance(getattr(graft.injector, "layer", None), int) and getattr(graft.injector, "to_query", None) is not None):
         raise SystemExit("injector: recall_only needs an injector that reads at a decoder layer with direct_read (mid_layer)")
-    if args.query == "name" and recipe.data.tasks != ["qa1"]:
-        raise SystemExit(f"data.tasks: recall_only reads the name in qa1 questions; got {recipe.data.tasks}")
+    if args.query == "name" and recipe.task_configs()[0].tasks != ["qa1"]:
+        raise SystemExit(f"data.tasks: recall_only reads the name in qa1 questions; got {recipe.task_configs()[0].tasks}")
     tok = graft.backbone.tokenizer
-    train = build_samples(recipe, tok, "train", recipe.data.train_lengths, recipe.data.samples_for)
-    test = [s for task in recipe.data.tasks
-            for s in build_babilong(task, "test", "1k", args.test, seed=recipe.data.seed + EVAL_SEED_OFFSET, tokenizer=tok)]
+    train = build_buckets([build_task(c) for c in recipe.task_configs()], tok, "train")
+    test = [s for task in recipe.task_configs()[0].tasks
+            for s in build_babilong(task, "test", "1k", args.test, seed=recipe.task_configs()[0].seed + EVAL_SEED_OFFSET, tokenizer=tok)]
     cache = HiddenCache(graft)
     for bucket in [*train.values(), test]:
         cache.fill(bucket)

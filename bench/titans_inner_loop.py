@@ -58,7 +58,8 @@ def main() -> None:
 
     from graftkit.checkpoint import load_run
     from graftkit.protocol import HiddenCache
-    from graftkit.train import build_samples
+    from graftkit.task import build_task
+    from graftkit.train import build_buckets
 
     run = Path(args.run_dir)
     recipe, graft, _ = load_run(run, args.checkpoint)
@@ -67,7 +68,7 @@ def main() -> None:
     if args.max_surprise is not None:
         bound = None if args.max_surprise.lower() == "none" else float(args.max_surprise)
         graft.memory.config = graft.memory.config.model_copy(update={"max_surprise": bound})
-    buckets = build_samples(recipe, graft.backbone.tokenizer, "train", recipe.data.train_lengths, recipe.data.samples_for)
+    buckets = build_buckets([build_task(c) for c in recipe.task_configs()], graft.backbone.tokenizer, "train")
     keys, cache, cfg = sorted(buckets), HiddenCache(graft, "auto"), recipe.train
     print(f"{run} {args.checkpoint}, max_surprise {graft.memory.config.max_surprise}")
     if graft.memory.value_mix is not None:  # value_span: how far the learned window looks ahead

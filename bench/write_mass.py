@@ -46,8 +46,8 @@ def measure(args) -> None:
     changed = f", {' '.join(args.overrides)}" if args.overrides else ""
     print(f"{args.run_dir} ({args.checkpoint}: step {info.get('step')}{changed}), memory {recipe.memory.kind}, n = {args.n} per length")
     for length in args.lengths.split(","):
-        samples = build_babilong(recipe.data.tasks[0], "test", length, args.n, seed=recipe.data.seed + EVAL_SEED_OFFSET,
-                                 tokenizer=tokenizer, books=recipe.data.books, babi_dir=recipe.data.babi_dir)
+        samples = build_babilong(recipe.task_configs()[0].tasks[0], "test", length, args.n, seed=recipe.task_configs()[0].seed + EVAL_SEED_OFFSET,
+                                 tokenizer=tokenizer, books=recipe.task_configs()[0].books, babi_dir=recipe.task_configs()[0].babi_dir)
         masses, strong, on_facts, off_facts = [], [], [], []
         top = {True: Counter(), False: Counter()}  # in a fact: token text -> count
         for sample in samples:

@@ -45,17 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="evaluate a trained run on BABILong (two-turn) with baselines")
+    p = sub.add_parser("eval", help="evaluate a trained run (two-turn) on its tasks, with baselines and preservation")
     p.add_argument("run_dir")
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="recipe settings changed for this evaluation only, e.g. memory.write_floor=0.7 "
-                        "(the run's recipe.yaml is left as it is; results.json records them)")
-    p.add_argument("--tasks", help="comma-separated, e.g. qa1,qa2 (default: the recipe's)")
-    p.add_argument("--lengths", help="comma-separated, e.g. 1k,4k (default: the recipe's eval_lengths)")
-    p.add_argument("--n", type=int, default=200, help="test samples per task and length (default 200)")
+                   help="recipe settings changed for this evaluation only, e.g. data.eval_lengths=[1k,16k] or "
+                        "memory.write_floor=0.7 (the run's recipe.yaml is left as it is; results.json records them)")
+    p.add_argument("--lengths", help="comma-separated, e.g. 1k,4k: sets eval_lengths of every task that has lengths")
+    p.add_argument("--n", type=int, default=200, help="test examples per bucket and general prompts (default 200)")
     p.add_argument("--checkpoint", default="best", help="best, last, or a step number")
-    p.add_argument("--rows", help="comma-separated subset of: graft,empty,full_context,question_only,chance")
-    p.add_argument("--corrected", action="store_true", help="use the corrected answer check (qa7 none/one)")
+    p.add_argument("--rows", help="comma-separated subset of: graft,empty,full_context,question_only,chance,preservation")
     p.add_argument("--out", help="directory for results.{json,md}, chart.png, predictions.jsonl (default RUN_DIR/eval)")
     p.set_defaults(func=cmd_eval)
 
@@ -77,14 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state", required=True, help="memory state file written by `graftkit memorize` or `chat`")
     p.add_argument("question", nargs="+")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--raw", action="store_true", help="do not wrap the question in the trained task's prompt")
+    p.add_argument("--task", help="put the question into this trained task prompt (see the export's README); "
+                   "default: the question as it is")
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("chat", help="interactive: statements are memorized, questions (ending in ?) answered")
     p.add_argument("export_dir", help="an exported graft (graftkit export)")
     p.add_argument("--state", required=True, help="memory state file (created if missing, saved on exit)")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--raw", action="store_true", help="do not wrap questions in the trained task's prompt")
+    p.add_argument("--task", help="put questions into this trained task prompt; default: the questions as they are")
     p.set_defaults(func=cmd_chat)
 
     get_plugins().pm.hook.register_commands(cli=sub)
@@ -95,9 +94,10 @@ def cmd_validate(args) -> int:
     from graftkit.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
+    tasks = ", ".join(c.task for c in recipe.task_configs())
     print(
         f"{args.recipe}: ok (backbone {recipe.backbone.kind}, memory {recipe.memory.kind}, "
-        f"injector {recipe.injector.kind})"
+        f"injector {recipe.injector.kind}, tasks {tasks})"
     )
     return 0
 
@@ -131,17 +131,10 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from graftkit.evaluate import evaluate_run
 
-    evaluate_run(
-        args.run_dir,
-        tasks=_split(args.tasks),
-        lengths=_split(args.lengths),
-        n=args.n,
-        checkpoint=args.checkpoint,
-        rows=_split(args.rows),
-        corrected=args.corrected,
-        out=args.out,
-        overrides=args.overrides,
-    )
+    overrides = list(args.overrides)
+    if args.lengths:
+        overrides += lengths_overrides(args.run_dir, _split(args.lengths))
+    evaluate_run(args.run_dir, n=args.n, checkpoint=args.checkpoint, rows=_split(args.rows), out=args.out, overrides=overrides)
     return 0
 
 
@@ -181,7 +174,7 @@ def cmd_ask(args) -> int:
                             f"`graftkit memorize {args.export_dir} --state {args.state} FILE`")
     graft = load_graft(args.export_dir)
     state = load_state(graft, args.state)
-    print(ask(graft, " ".join(args.question), state, task=_task(graft, args.raw), max_new_tokens=args.max_new_tokens))
+    print(ask(graft, " ".join(args.question), state, task=args.task, max_new_tokens=args.max_new_tokens))
     return 0
 
 
@@ -210,7 +203,7 @@ def cmd_chat(args) -> int:
                 print("commands: /save, /reset, /quit")
             else:
                 try:  # a bad line is a message; the session (and its memory) goes on
-                    state, reply = chat_turn(graft, state, line, _task(graft, args.raw), args.max_new_tokens)
+                    state, reply = chat_turn(graft, state, line, args.task, args.max_new_tokens)
                 except GraftkitError as exc:
                     print(f"graftkit: error: {exc}", file=sys.stderr)
                     continue
@@ -224,10 +217,17 @@ def cmd_chat(args) -> int:
     return 0
 
 
-def _task(graft, raw: bool) -> str | None:
-    """The task whose prompt questions go into: the graft's first trained task (None with --raw)."""
-    tasks = graft.export_config.get("tasks") or []
-    return None if raw or not tasks else tasks[0]
+def lengths_overrides(run_dir: str, lengths: list[str]) -> list[str]:
+    """`data.N.eval_lengths=[...]` for every task block of a run's recipe that has eval lengths."""
+    from graftkit.recipe import load_recipe
+
+    recipe = load_recipe(Path(run_dir) / "recipe.yaml") if (Path(run_dir) / "recipe.yaml").is_file() else None
+    if recipe is None:
+        raise GraftkitError(f"{run_dir}: not a graftkit run directory (no recipe.yaml)")
+    blocks = [i for i, c in enumerate(recipe.task_configs()) if "eval_lengths" in type(c).model_fields]
+    if not blocks:
+        raise GraftkitError("--lengths: none of this run's tasks has lengths; leave it out")
+    return [f"data.{i}.eval_lengths=[{','.join(lengths)}]" for i in blocks]
 
 
 def _read_text(path: str) -> str:

@@ -105,7 +105,8 @@ class ExportConfig(_Open):
     backbone_manifest: ManifestRecord
     memory: ComponentRecord
     injector: ComponentRecord
-    tasks: list[str] = []
+    tasks: list[Any] = []
+    prompts: dict[str, dict[str, str]] = {}
     checkpoint: CheckpointRecord = CheckpointRecord()
     identity: dict[str, str] = {}
     files: dict[str, FileRecord]
@@ -131,7 +132,7 @@ def export_run(run_dir, out, checkpoint: str | int = "best", backbone=None) -> P
             graft,
             out,
             recipe_yaml=(run_dir / "recipe.yaml").read_text(encoding="utf-8"),
-            tasks=recipe.data.tasks,
+            tasks=recipe.task_configs(),
             checkpoint={"which": str(checkpoint), "step": info.get("step"), "eval": info.get("eval")},
             evaluation=results.read_text(encoding="utf-8") if results.is_file() else None,
             source=str(run_dir),
@@ -145,16 +146,18 @@ def export_graft(
     out,
     *,
     recipe_yaml: str | None = None,
-    tasks: list[str] | None = None,
+    tasks: list | None = None,
     checkpoint: Mapping[str, Any] | None = None,
     evaluation: str | None = None,
     source: str | None = None,
 ) -> Path:
     """Export an in-memory graft (e.g. from your own training loop) to directory `out`.
 
-    `recipe_yaml`, `evaluation` (a markdown table) and `source` go into the model card; `tasks` (the
-    BABILong tasks it was trained on) lets `graftkit ask` wrap questions in the task's prompt.
+    `recipe_yaml`, `evaluation` (a markdown table) and `source` go into the model card; `tasks` (the task
+    configs it was trained on, `recipe.task_configs()`) are described in the card, and their named prompts
+    are recorded so that `graftkit ask --task NAME` can put a question the way training did.
     """
+    from graftkit.task import build_task
     from graftkit.plugins import _version, get_plugins
 
     out = Path(os.path.abspath(out))  # "." or "a/.." need a real name for the temporary sibling
@@ -172,7 +175,9 @@ def export_graft(
         "backbone_manifest": backbone.manifest(),
         "memory": {"kind": graft.memory.name, "config": graft.memory.config.model_dump(mode="json")},
         "injector": {"kind": graft.injector.name, "config": graft.injector.config.model_dump(mode="json")},
-        "tasks": list(tasks or []),
+        "tasks": [t.model_dump(mode="json") for t in tasks or []],
+        "prompts": {name: {"instruction": p.instruction, "template": p.template}
+                    for t in tasks or [] for name, p in build_task(t).prompts().items()},
         "checkpoint": dict(checkpoint or {}),
         "identity": graft.identity(),
         "files": {},

@@ -1,7 +1,7 @@
 """The plugin contract of graftkit: the only hooks a plugin implements.
 
 A plugin is any module or object with functions marked by `graftkit.hookimpl`, registered either by
-graftkit itself (the built-in backbones, memories and injectors) or through the ``graftkit``
+graftkit itself (the built-in backbones, memories, injectors and tasks) or through the ``graftkit``
 entry-point group of an installed distribution::
 
     [project.entry-points.graftkit]
@@ -64,6 +64,18 @@ def register_injectors(register: Register) -> None:
     :return: nothing; return values are ignored.
 
     .. versionadded:: 0.1
+    """
+
+
+@hookspec
+def register_tasks(register: Register) -> None:
+    """Register task classes (subclasses of :class:`graftkit.task.Task`).
+
+    :param register: call ``register(cls)`` once per task; ``cls.name`` is the value of ``task`` in a
+        recipe's ``data`` block, ``cls.Config`` (a :class:`graftkit.task.TaskConfig`) validates the block.
+    :return: nothing; return values are ignored.
+
+    .. versionadded:: 0.2
     """
 
 

@@ -16,12 +16,14 @@ def model_card(config: dict, tensors: Mapping[str, torch.Tensor], recipe_yaml: s
     mem, inj = config["memory"], config["injector"]
     params = sum(t.numel() for t in tensors.values())
     step = config["checkpoint"].get("step")
-    tasks = config["tasks"]
-    task = tasks[0] if tasks else None
+    tasks = [t for t in config["tasks"] if isinstance(t, dict)]
+    statement, question = _demo(tasks)
+    prompts = list(config.get("prompts") or {})
     name = out.name
     standardised = " (standardised per channel)" if mem["config"].get("standardize", True) else ""
-    ask = (f'ask(graft, "Where is Mary?", state, task="{task}")  # in the prompt of the task it was trained on'
-           if task else 'ask(graft, "Where is Mary?", state)')
+    ask = f'ask(graft, "{question}", state)'
+    ask_in_prompt = (f'ask(graft, "{question}", state, task="{prompts[0]}")  # in a prompt it was trained with'
+                     if prompts else None)
     lines = [
         f"# graftkit graft: {mem['kind']} memory + {inj['kind']} injector on {manifest['family']} ({manifest['source']})",
         "",
@@ -41,7 +43,8 @@ def model_card(config: dict, tensors: Mapping[str, torch.Tensor], recipe_yaml: s
         + f", hidden size {manifest['hidden_size']}, {manifest['num_layers']} layers, tokenizer `{manifest['tokenizer']}` |",
         f"| memory | `{mem['kind']}` from {_dist(plugins['memory'])} |",
         f"| injector | `{inj['kind']}` from {_dist(plugins['injector'])} |",
-        f"| trained tasks | {', '.join(tasks) if tasks else 'not recorded'} |",
+        f"| trained tasks | {'; '.join(_describe(t) for t in tasks) if tasks else 'not recorded'} |",
+        f"| task prompts | {', '.join(f'`{p}`' for p in prompts) if prompts else 'none: questions are sent as they are'} |",
         f"| checkpoint | {config['checkpoint'].get('which') or 'n/a'}, step {step if step is not None else 'n/a'} |",
         f"| exported with | graftkit {config['graftkit_version']}, export format {config['format_version']} |",
         "",
@@ -52,8 +55,9 @@ def model_card(config: dict, tensors: Mapping[str, torch.Tensor], recipe_yaml: s
         "from graftkit.sessions import ask, memorize, save_state",
         "",
         f'graft = graftkit.load_graft("{name}")  # loads the backbone named above (or pass backbone=...)',
-        'state = memorize(graft, "Mary went to the kitchen. John moved to the garden.")  # turn 1',
+        f'state = memorize(graft, "{statement}")  # turn 1',
         f"print({ask})",
+        *([f"print({ask_in_prompt})"] if ask_in_prompt else []),
         'save_state(graft, state, "alice.safetensors")  # one memory per user; load_state(graft, path) reads it back',
         "```",
         "",
@@ -61,7 +65,7 @@ def model_card(config: dict, tensors: Mapping[str, torch.Tensor], recipe_yaml: s
         "",
         "```sh",
         f"graftkit memorize {name} --state alice.safetensors notes.txt",
-        f'graftkit ask {name} --state alice.safetensors "Where is Mary?"',
+        f'graftkit ask {name} --state alice.safetensors "{question}"' + (f" --task {prompts[0]}" if prompts else ""),
         f"graftkit chat {name} --state alice.safetensors",
         "```",
         "",
@@ -78,12 +82,29 @@ def model_card(config: dict, tensors: Mapping[str, torch.Tensor], recipe_yaml: s
         lines += ["Not trained from a graftkit recipe (exported from code)."]
     lines += ["", "## Evaluation", ""]
     if evaluation:
-        lines += ["BABILong, two-turn protocol (`graftkit eval`):", "", evaluation.rstrip()]
+        lines += ["Two-turn protocol, on the tasks above (`graftkit eval`):", "", evaluation.rstrip()]
     else:
         lines += ["Not evaluated: the run directory had no `eval/results.md` (run `graftkit eval RUN_DIR` before exporting)."]
     lines += ["", "## Files", "", f"- `{CONFIG_FILE}`: configuration and provenance",
               f"- `{TENSORS_FILE}`: graft tensors (safetensors, no pickle)", f"- `{README_FILE}`: this card", ""]
     return "\n".join(lines)
+
+
+def _demo(tasks: list[dict]) -> tuple[str, str]:
+    """A statement and a question about it, from the first trained task that is installed here."""
+    from graftkit.plugins import get_plugins
+    from graftkit.task import Task
+
+    registry = get_plugins().registries["task"]
+    for t in tasks:
+        if t.get("task") in registry.classes:
+            return registry.classes[t["task"]].demo
+    return Task.demo
+
+
+def _describe(task: dict) -> str:
+    options = ", ".join(f"{k}={v}" for k, v in task.items() if k not in ("task", "weight", "seed") and v is not None)
+    return f"`{task.get('task')}` ({options})" if options else f"`{task.get('task')}`"
 
 
 def _dist(record: Mapping[str, str]) -> str:

@@ -19,10 +19,11 @@ from graftkit import hookspecs
 from graftkit.errors import DuplicateComponentError, GraftkitError
 from graftkit.registry import KINDS, Registry
 
-BUILTINS = ("graftkit.backbones", "graftkit.memories", "graftkit.injectors")
+BUILTINS = ("graftkit.backbones", "graftkit.memories", "graftkit.injectors", "graftkit.tasks")
 AUTOLOAD_ENV = "GRAFTKIT_NO_PLUGIN_AUTOLOAD"
 DISABLE_ENV = "GRAFTKIT_DISABLE_PLUGINS"
-HOOKS = {"backbone": "register_backbones", "memory": "register_memories", "injector": "register_injectors"}
+HOOKS = {"backbone": "register_backbones", "memory": "register_memories", "injector": "register_injectors",
+         "task": "register_tasks"}
 
 
 class PluginWarning(UserWarning):

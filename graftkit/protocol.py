@@ -1,10 +1,10 @@
-"""The strict two-turn protocol on BABILong samples.
+"""The strict two-turn protocol on task examples (`graftkit.task.Example`).
 
-Turn 1 sees only the context (facts hidden in background text) and writes it into memory. Turn 2 sees
-only the chat-templated question with the task's instruction: its token ids do not depend on the
-context at all, so the answer can come from nothing but the memory state.
+Turn 1 sees only the episode's sessions and writes them into memory. Turn 2 sees only the
+chat-templated question with the task's instruction: its token ids do not depend on the sessions at
+all, so the answer can come from nothing but the memory state.
 
-This module turns samples into tensors for both turns and caches turn-1 hidden states on disk: the
+This module turns examples into tensors for both turns and caches turn-1 hidden states on disk: the
 backbone is frozen, so the cache is exact.
 
 Legend: b batch, n tokens, d hidden size.
@@ -20,7 +20,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from graftkit.backbones.sources import cache_dir
-from graftkit.data.prompts import question_prompt
 from graftkit.errors import GraftkitError
 from graftkit.graft import Graft, pad
 
@@ -28,20 +27,13 @@ from graftkit.graft import Graft, pad
 def question_parts(backbone, sample) -> tuple[list[int], list[int]]:
     """Turn-2 ids as (shared prefix, question part): the chat-templated instruction, then the question.
 
-    The prefix (chat head + task instruction and answer format) is the same for every sample of a
-    task; the question part starts at the prompt's last paragraph ("Question: ..."). Neither holds
-    any of the context.
+    The prefix (chat head + the task's instruction) is the same for every example of a bucket; the
+    question part is the task's question message. Neither holds any of the sessions.
     """
-    head, tail = split_prompt(question_prompt(sample.task, sample.question), sample.question)
+    if sample.prompt is None:
+        raise GraftkitError("an example without its task's prompt: build examples with graftkit.task.load_examples")
+    head, tail = sample.prompt.parts(sample.question)
     return backbone.chat_parts(head, tail)
-
-
-def split_prompt(prompt: str, question: str) -> tuple[str, str]:
-    """Split a question prompt before the paragraph that holds the question."""
-    at = prompt.rfind(question)
-    cut = prompt.rfind("\n\n", 0, at)
-    cut = 0 if cut < 0 else cut + 2
-    return prompt[:cut], prompt[cut:]
 
 
 def answer_ids(backbone, sample) -> list[int]:
@@ -68,9 +60,12 @@ def turn2_batch(backbone, samples: Sequence, with_answers: bool) -> dict:
 
 
 class HiddenCache:
-    """Turn-1 hidden states per sample, one safetensors file each, memory-mapped on read.
+    """Turn-1 hidden states per episode, one safetensors file each, memory-mapped on read.
 
-    Keyed by the backbone fingerprint, the write layer, the segment length and the sample uid. With
+    Keyed by the backbone fingerprint, the write layer, the segment length and the example's
+    `context_uid` (the questions of one episode share it). Each session runs through the backbone on its
+    own (as a separate `memorize` call would) and their states are concatenated in order; a session after
+    the first is read with a leading space, as `graftkit.sessions.memorize` continues a memory. With
     `directory=None` nothing is stored and every request runs the backbone.
     """
 
@@ -85,17 +80,22 @@ class HiddenCache:
             self.directory.mkdir(parents=True, exist_ok=True)
 
     def path(self, sample) -> Path:
-        return self.directory / f"{sample.uid}.safetensors"
+        return self.directory / f"{sample.context_uid}.safetensors"
 
     def has(self, sample) -> bool:
         return self.directory is not None and self.path(sample).is_file()
 
     def compute(self, samples: Sequence) -> list[torch.Tensor]:
-        """Run the backbone (no grad) over the contexts; one (n d) tensor per sample."""
-        ids, mask = self.graft.tokenize_context([s.context for s in samples])
+        """Run the backbone (no grad) over each sample's sessions; one (n d) tensor per sample."""
+        texts = [t if i == 0 or t[:1].isspace() else " " + t for s in samples for i, t in enumerate(s.sessions)]
+        ids, mask = self.graft.tokenize_context(texts)
         hidden = self.graft.context_hidden(ids, mask)
-        lengths = mask.sum(-1).tolist()
-        return [hidden[i, :n].contiguous() for i, n in enumerate(lengths)]
+        rows = [hidden[i, :n] for i, n in enumerate(mask.sum(-1).tolist())]
+        out, at = [], 0
+        for s in samples:
+            parts, at = rows[at : at + len(s.sessions)], at + len(s.sessions)
+            out.append(torch.cat(parts).contiguous() if parts else hidden.new_zeros(0, hidden.shape[-1]))
+        return out
 
     def fill(self, samples: Sequence, batch_size: int = 4, progress: bool = True) -> None:
         """Compute and store what is missing (sorted by length so batches pad little)."""
@@ -103,7 +103,8 @@ class HiddenCache:
             return
         from graftkit.progress import bar
 
-        missing = sorted((s for s in samples if not self.has(s)), key=lambda s: len(s.context))
+        unique = {s.context_uid: s for s in samples}.values()
+        missing = sorted((s for s in unique if not self.has(s)), key=lambda s: sum(map(len, s.sessions)))
         if not missing:
             return
         with bar(total=len(missing), desc="caching turn-1 hidden states", unit="sample", disable=not progress) as pbar:
@@ -116,7 +117,7 @@ class HiddenCache:
     def _store(self, sample, hidden: torch.Tensor) -> None:
         target = self.path(sample)
         tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-        save_file({"hidden": hidden.cpu()}, str(tmp), metadata={"uid": sample.uid})
+        save_file({"hidden": hidden.cpu()}, str(tmp), metadata={"uid": sample.context_uid})
         os.replace(tmp, target)
 
     def get(self, samples: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,12 +125,12 @@ class HiddenCache:
         if self.directory is None:
             rows = self.compute(samples)
         else:
-            missing = [s for s in samples if not self.has(s)]
+            missing = list({s.context_uid: s for s in samples if not self.has(s)}.values())
             for sample, hidden in zip(missing, self.compute(missing) if missing else []):
                 self._store(sample, hidden)
             rows = [load_file(str(self.path(s)))["hidden"] for s in samples]
         device = self.graft.backbone.device
-        width = max(r.shape[0] for r in rows)
+        width = max(1, max(r.shape[0] for r in rows))
         hidden = torch.zeros(len(rows), width, rows[0].shape[-1], device=device)
         mask = torch.zeros(len(rows), width, dtype=torch.bool, device=device)
         for i, row in enumerate(rows):

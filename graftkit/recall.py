@@ -5,7 +5,8 @@ write a batch's cached turn-1 states, run turn 2 (the question alone) so that th
 memory at every position, and classify reads into the answers seen in training with a linear head of
 the stage's own: with `train.recall_query: mixture` (default) every question position's read, the answer
 scored by the mixture of their distributions; with `last_word` only the read at the question's last
-word (in qa1 the person asked about), which learns recall much better on qa1 (BENCHMARKS.md). The loss
+word (often what the question is about, such as a name), which learns recall better when the question
+ends with what it asks about. The stage needs tasks whose answers come from a closed set. The loss
 reaches the memory and the injector's query projection only, not the frozen layers and not the LM
 head, where the end-to-end signal is weak. The end-to-end steps start from the memory it trained
 (`train.freeze` can hold it there); with `train.recall_weight` > 0 the head (`RecallHead`) goes on

@@ -8,6 +8,7 @@ line each (`RecipeError`, exit code 2).
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
@@ -35,46 +36,15 @@ class ComponentBlock(BaseModel):
         return dict(self.model_extra or {})
 
 
-class DataConfig(Strict):
-    task: Literal["babilong"] = Field("babilong", description="Benchmark family; BABILong is built in.")
-    tasks: list[str] = Field(["qa1"], min_length=1, description="bAbI tasks to train and evaluate on (qa1..qa5 vendored).")
-    train_lengths: list[str] = Field(["0k", "1k"], min_length=1, description="Context lengths sampled for training.")
-    eval_lengths: list[str] = Field(["1k"], min_length=1, description="Context lengths for evaluation during training.")
-    train_samples: int | dict[str, int] = Field(
-        2000,
-        description="Training samples per task and length; a mapping such as {0k: 1000, 1k: 1000, 4k: 300} "
-        "sets it per length (every training length must be named).",
-    )
-    eval_samples: int = Field(100, gt=0, description="Evaluation samples per task and length during training.")
-    seed: int = Field(0, description="Seed of the BABILong construction (background placement).")
-    babi_dir: str | None = Field(None, description="A bAbI v1.2 directory to use instead of the vendored subset.")
-    books: list[str] | None = Field(None, description="Background text files to use instead of the vendored books.")
+class TaskBlock(BaseModel):
+    """`task` picks the task; every other key is checked against that task's Config."""
 
-    @field_validator("train_samples", mode="before")
-    @classmethod
-    def _counts(cls, value: Any, info: ValidationInfo) -> int | dict[str, int]:
-        def count(n: Any) -> int:
-            if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-                raise PydanticCustomError("count", "expected a positive integer or a mapping {length: positive integer}")
-            return n
+    model_config = ConfigDict(extra="allow")
 
-        if not isinstance(value, dict):
-            return count(value)
-        counts = {str(length): count(n) for length, n in value.items()}
-        named, lengths = set(map(_label, counts)), set(map(_label, info.data.get("train_lengths", [])))
-        if len(named) != len(counts) or named != lengths:
-            raise PydanticCustomError(
-                "lengths",
-                "names the lengths {named} but train_lengths is {lengths}; name each training length once",
-                {"named": sorted(named), "lengths": sorted(lengths)},
-            )
-        return counts
+    task: str = Field(description="Registered task name (see `graftkit plugins`): babilong, jsonl, profile, ...")
 
-    def samples_for(self, length: str) -> int:
-        """Training samples per task at `length`."""
-        if isinstance(self.train_samples, int):
-            return self.train_samples
-        return {_label(k): n for k, n in self.train_samples.items()}[_label(length)]
+    def options(self) -> dict[str, Any]:
+        return {"task": self.task, **(self.model_extra or {})}
 
 
 def _label(length: str) -> str:
@@ -123,7 +93,7 @@ class TrainConfig(Strict):
     recall_query: Literal["mixture", "last_word"] = Field(
         "mixture",
         description="What the recall stage classifies: every question position's read, their distributions mixed "
-        "(mixture), or only the read at the question's last word (last_word; in qa1 the person asked about).",
+        "(mixture), or only the read at the question's last word (last_word; often the name asked about).",
     )
     recall_lengths: list[str] = Field(
         default_factory=list,
@@ -150,8 +120,8 @@ class TrainConfig(Strict):
         0.0,
         ge=0,
         description="Weight of a cost on writing book text during the end-to-end steps: like write_cost, but the "
-        "strengths are summed only over context tokens outside the story's facts (the BABILong builder knows where "
-        "it put them; inference needs no such labels), so the memory learns to leave book text out with no cost on "
+        "strengths are summed only over context tokens outside the episode's facts (tasks that build their "
+        "contexts know where they put them; inference needs no such labels), so the memory learns to leave book text out with no cost on "
         "writing facts. Needs a memory with per-token write strengths. 0 = off.",
     )
     freeze: list[str] = Field(
@@ -170,15 +140,29 @@ class Recipe(Strict):
     backbone: ComponentBlock
     memory: ComponentBlock
     injector: ComponentBlock
-    data: DataConfig = Field(default_factory=DataConfig)
+    data: list[TaskBlock] = Field(
+        min_length=1,
+        description="The tasks to train and evaluate on: one block (a mapping) or a list of blocks, each "
+        "`{task: NAME, weight: ..., ...its options}`.",
+    )
     train: TrainConfig = Field(default_factory=TrainConfig)
     output_dir: str = Field("runs/graft", description="Where checkpoints, metrics and plots are written.")
 
-    # filled by the second pass: each block validated by its component's own Config
+    # filled by the second pass: each block validated by its component's (or task's) own Config
     _configs: dict[str, BaseModel] = {}
+    _tasks: list[BaseModel] = []
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, dict) else value
 
     def component_config(self, kind: str) -> BaseModel:
         return self._configs[kind]
+
+    def task_configs(self) -> list[BaseModel]:
+        """Each data block validated by its task's Config, in order."""
+        return list(self._tasks)
 
 
 def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
@@ -201,6 +185,9 @@ def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
 
 def validate_recipe(raw: dict, overrides: Iterable[str] = (), source: str | None = None) -> Recipe:
     problems: list[tuple[str, str]] = []
+    single = isinstance(raw.get("data"), dict)  # one block written as a mapping: its paths read `data.key`
+    if single:
+        raw = {**raw, "data": [raw["data"]]}
     for item in overrides:
         problems += apply_override(raw, item)
     try:
@@ -220,12 +207,52 @@ def validate_recipe(raw: dict, overrides: Iterable[str] = (), source: str | None
         config, errors = validate_block(block, spec)
         problems += errors
         configs[block] = config
-    if recipe is not None and configs.get("injector") is not None:
-        problems += _cross_checks(recipe, configs["injector"])
+    task_configs, errors = validate_tasks(raw.get("data"), recipe, single)
+    problems += errors
+    if recipe is not None and configs.get("injector") is not None and not errors:
+        problems += _cross_checks(recipe, configs["injector"], task_configs)
+    if single:  # the user wrote one mapping: name its keys `data.key`, as written
+        problems = [(re.sub(r"^data\.0(?=\.|$)", "data", path), message) for path, message in problems]
     if problems or recipe is None:
         raise RecipeError(problems, source)
     recipe._configs = configs
+    recipe._tasks = task_configs
     return recipe
+
+
+def validate_tasks(data: Any, recipe: "Recipe | None", single: bool = False) -> tuple[list[BaseModel], list[tuple[str, str]]]:
+    """Each data block against its task's Config; paths are `data.key` for a recipe that wrote one block as a
+    mapping (`single`), `data.N.key` in a list."""
+    from graftkit.plugins import get_plugins
+
+    registry = get_plugins().registries["task"]
+    blocks = recipe.data if recipe is not None else _blocks(data)
+    single = single and len(blocks) == 1
+    configs, problems = [], []
+    for index, block in enumerate(blocks):
+        where = "data" if single else f"data.{index}"
+        try:
+            cls = registry.get(block.task)
+        except UnknownComponentError as exc:
+            problems.append((f"{where}.task", str(exc)))
+            continue
+        try:
+            configs.append(cls.Config.model_validate(block.options()))
+        except ValidationError as exc:
+            problems += pydantic_problems(exc, cls.Config, prefix=where)
+    return configs, problems
+
+
+def _blocks(data: Any) -> list[TaskBlock]:
+    """The blocks of a `data` value that failed the first pass, as far as they parse (for the second pass)."""
+    items = [data] if isinstance(data, dict) else data if isinstance(data, list) else []
+    blocks = []
+    for item in items:
+        try:
+            blocks.append(TaskBlock.model_validate(item))
+        except ValidationError:
+            pass  # already reported by the first pass
+    return blocks
 
 
 def writes_with_strengths(memory_class) -> bool:
@@ -235,10 +262,11 @@ def writes_with_strengths(memory_class) -> bool:
     return getattr(memory_class, "write_strengths", Memory.write_strengths) is not Memory.write_strengths
 
 
-def _cross_checks(recipe: Recipe, injector_config: BaseModel) -> list[tuple[str, str]]:
+def _cross_checks(recipe: Recipe, injector_config: BaseModel, task_configs: list[BaseModel]) -> list[tuple[str, str]]:
     """Problems that involve more than one block."""
     from graftkit.plugins import get_plugins
 
+    tasks = get_plugins().registries["task"]
     injector = get_plugins().registries["injector"].get(recipe.injector.kind)
     per_position = getattr(injector, "reads_each_position", None)  # third-party classes may predate it
     problems = []
@@ -254,9 +282,17 @@ def _cross_checks(recipe: Recipe, injector_config: BaseModel) -> list[tuple[str,
         if getattr(recipe.train, field) > 0 and not writes_with_strengths(get_plugins().registries["memory"].get(recipe.memory.kind)):
             problems.append((f"train.{field}", f"memory {recipe.memory.kind!r} has no per-token write strengths to put a "
                              f"cost on (linear and titans have; set train.{field}: 0)"))
-    unknown = sorted(set(map(_label, recipe.train.recall_lengths)) - set(map(_label, recipe.data.train_lengths)))
+    for field, need, what in (("recall_steps", "closed_answers", "answers from a closed set to classify reads into"),
+                              ("recall_weight", "closed_answers", "answers from a closed set to classify reads into"),
+                              ("background_cost", "marks_facts", "a way to tell fact tokens from background")):
+        lacking = [c.task for c in task_configs if not getattr(tasks.get(c.task), need, False)]
+        if getattr(recipe.train, field) > 0 and lacking:
+            problems.append((f"train.{field}", f"needs tasks with {what}; task {lacking[0]!r} has none "
+                             f"(set train.{field}: 0, or train only on tasks that have)"))
+    lengths = {_label(n) for c in task_configs for n in getattr(c, "train_lengths", [])}
+    unknown = sorted(set(map(_label, recipe.train.recall_lengths)) - lengths)
     if unknown:
-        problems.append(("train.recall_lengths", f"{unknown} are not training lengths (data.train_lengths: {recipe.data.train_lengths})"))
+        problems.append(("train.recall_lengths", f"{unknown} are not training lengths of any task (they are: {sorted(lengths)})"))
     return problems
 
 
@@ -287,12 +323,26 @@ def apply_override(raw: dict, item: str) -> list[tuple[str, str]]:
     parts = key.split(".")
     node = raw
     for depth, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
+        child = _child(node, part)
+        if isinstance(child, list) and len(child) == 1 and not parts[depth + 1].isdigit():
+            child = child[0]  # `data.key=...` reaches into a list of one block
+        if not isinstance(child, (dict, list)):
             return [(".".join(parts[: depth + 1]), f"override {item!r}: cannot set {parts[depth + 1]!r} inside a {type(child).__name__}")]
         node = child
-    node[parts[-1]] = value
+    if isinstance(node, list):
+        if not (parts[-1].isdigit() and int(parts[-1]) < len(node)):
+            return [(key, f"override {item!r}: no item {parts[-1]} in a list of {len(node)}")]
+        node[int(parts[-1])] = value
+    else:
+        node[parts[-1]] = value
     return []
+
+
+def _child(node: dict | list, part: str):
+    """The child `part` names in a mapping (created empty if missing) or, by index, in a list (None if out of range)."""
+    if isinstance(node, list):
+        return node[int(part)] if part.isdigit() and int(part) < len(node) else None
+    return node.setdefault(part, {})
 
 
 def pydantic_problems(exc: ValidationError, model: type[BaseModel], prefix: str = "") -> list[tuple[str, str]]:

@@ -6,11 +6,11 @@ import difflib
 
 from graftkit.errors import DuplicateComponentError, UnknownComponentError
 
-KINDS = ("backbone", "memory", "injector")
+KINDS = ("backbone", "memory", "injector", "task")
 
 
 class Registry:
-    """Components of one kind (backbone, memory or injector), each remembered with its plugin."""
+    """Components of one kind (backbone, memory, injector or task), each remembered with its plugin."""
 
     def __init__(self, kind: str):
         self.kind = kind

@@ -5,10 +5,10 @@ A graft is shared; what each user told it lives in their own state::
     from graftkit import load_graft
     from graftkit.sessions import ask, fork, load_state, memorize, reset, save_state
 
-    graft = load_graft("exports/babi-qa1")
+    graft = load_graft("exports/my-graft")
     state = load_state(graft, "alice.safetensors", missing_ok=True)  # a fresh memory the first time
-    state = memorize(graft, "Mary went to the kitchen.", state)      # turn 1, appended
-    ask(graft, "Where is Mary?", state, task="qa1")                  # turn 2, from memory alone
+    state = memorize(graft, "Priya lives in Lisbon.", state)         # turn 1, appended
+    ask(graft, "Where does Priya live?", state)                      # turn 2, from memory alone
     save_state(graft, state, "alice.safetensors")
 
 - `save_state(graft, state, path)` stamps the graft's identity (`graft.identity()`: memory kind, memory
@@ -19,8 +19,9 @@ A graft is shared; what each user told it lives in their own state::
   when the file does not exist yet.
 - `memorize(graft, text, state)` writes text into a state (no gradients), continuing it the way one
   running text would continue (a space joins it to what the state already holds).
-- `ask(graft, question, state, task=None)` answers from the state alone; with `task` the question is
-  put into that BABILong task's prompt the way the graft saw questions in training.
+- `ask(graft, question, state, task=None)` answers from the state alone, the question sent as it is;
+  with `task` (a prompt name the export recorded, `graft.export_config["prompts"]`) it is put into that
+  task's prompt the way the graft saw questions in training.
 - `chat_turn(graft, state, line, task=None)`: one line of a conversation; questions (ending in "?")
   are answered, anything else is memorized.
 - `fork(state)` is an independent copy (`state.clone()`): writing into the fork leaves the original
@@ -78,23 +79,35 @@ def memorize(graft, text: str, state: MemoryState | None = None) -> MemoryState:
         return graft.memorize(text, state).detach()
 
 
-def ask(graft, question: str, state: MemoryState, task: str | None = None, max_new_tokens: int = 32) -> str:
-    """Turn 2 for one user: the answer to `question` from `state` alone.
+def ask(graft, question: str, state: MemoryState, task=None, max_new_tokens: int = 32) -> str:
+    """Turn 2 for one user: the answer to `question` from `state` alone, the question sent as it is.
 
-    With `task` (a BABILong task the graft was trained on, e.g. `graft.export_config["tasks"][0]`), the
-    question goes into that task's prompt exactly as in training and evaluation: the instruction is
-    the shared prefix, the memory is read into the question part.
+    With `task` (a prompt name the export recorded, see `task_prompts(graft)`, or a `graftkit.task.Prompt`),
+    the question goes into that prompt exactly as in training and evaluation: the instruction is the shared
+    prefix, the memory is read into the question part.
     """
     if state.batch_size != 1:
         raise StateError(f"a user's memory has one row; this state has {state.batch_size}")
+    if not isinstance(question, str) or not question.strip():
+        raise GraftkitError("ask: the question is empty")
+    if max_new_tokens <= 0:
+        raise GraftkitError(f"max_new_tokens: must be at least 1, got {max_new_tokens}")
     if task is None:
         return graft.answer(question, state, max_new_tokens=max_new_tokens)[0]
-    from graftkit.data.prompts import question_prompt
-    from graftkit.protocol import split_prompt
-
-    question = question.strip()
-    head, tail = split_prompt(question_prompt(task, question), question)
+    prompt = task if hasattr(task, "parts") else task_prompts(graft).get(task)
+    if prompt is None:
+        known = ", ".join(task_prompts(graft)) or "none (this graft sends questions as they are)"
+        raise GraftkitError(f"--task {task}: not a prompt this graft was trained with (it has: {known})")
+    head, tail = prompt.parts(question)
     return graft.answer(tail, state, max_new_tokens=max_new_tokens, instruction=head)[0]
+
+
+def task_prompts(graft) -> dict:
+    """The named task prompts an exported graft was trained with ({} for a graft not loaded from an export)."""
+    from graftkit.task import Prompt
+
+    recorded = (getattr(graft, "export_config", None) or {}).get("prompts") or {}
+    return {name: Prompt(p.get("instruction", ""), p.get("template", "{question}")) for name, p in recorded.items()}
 
 
 def chat_turn(graft, state: MemoryState, line: str, task: str | None = None, max_new_tokens: int = 32) -> tuple[MemoryState, str | None]:

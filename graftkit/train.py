@@ -1,6 +1,6 @@
-"""`graftkit train`: two-turn BABILong training of a graft on a frozen backbone.
+"""`graftkit train`: two-turn training of a graft on a frozen backbone, on the recipe's tasks.
 
-Every step: a batch from one (task, length) bucket; turn-1 hidden states (cached on disk) are written
+Every step: a batch from one bucket of one task (tasks drawn by their `weight`); turn-1 hidden states (cached on disk) are written
 into a fresh memory state with gradients flowing into the memory's meta-parameters; turn 2 (the
 question alone) is scored on the answer tokens. Only graft parameters are optimised (AdamW, warm-up +
 cosine, clipping). A step whose loss or gradient norm is not finite is skipped (its update dropped,
@@ -32,13 +32,13 @@ from graftkit.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from graftkit.data.babilong import fact_token_mask
 from graftkit.data.tasks import length_label
 from graftkit.errors import GraftkitError
 from graftkit.progress import bar, status
 from graftkit.protocol import HiddenCache, turn2_batch
 from graftkit.recall import RecallHead, input_reads, load_initial_head, recall_stage
 from graftkit.recipe import Recipe
+from graftkit.task import Task, build_task, load_examples
 
 # updates in a row dropped for a non-finite loss or gradient before a run is declared diverged
 MAX_NONFINITE_STEPS = 10
@@ -92,15 +92,15 @@ def write_mass(graft, hidden: torch.Tensor, hidden_mask: torch.Tensor) -> torch.
     return (strengths * hidden_mask[..., None].to(strengths.dtype)).sum(1).mean()
 
 
-def background_tokens(tokenizer, samples, n_tokens: int, known: dict | None = None) -> torch.Tensor:
-    """(b n_tokens) 1.0 on the context tokens that lie outside the samples' facts (book text), else 0.
-    `known` (sample uid -> mask) keeps each sample's mask, so a sample drawn again is not tokenized again."""
+def background_tokens(tokenizer, task: Task, samples, n_tokens: int, known: dict | None = None) -> torch.Tensor:
+    """(b n_tokens) 1.0 on the context tokens that lie outside the samples' facts (as `task.fact_mask` says),
+    else 0. `known` (sample uid -> mask) keeps each sample's mask, so a sample drawn again is not tokenized again."""
     rows = torch.zeros(len(samples), n_tokens)
     for row, sample in zip(rows, samples):
         mask = known.get(sample.uid) if known is not None else None
         if mask is None:
             offsets = tokenizer(sample.context, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-            mask = torch.from_numpy(~fact_token_mask(sample, offsets))
+            mask = torch.from_numpy(~task.fact_mask(sample, offsets))
             if known is not None:
                 known[sample.uid] = mask
         row[: min(len(mask), n_tokens)] = mask[:n_tokens].float()
@@ -137,22 +137,34 @@ def read_loss(graft, attention_mask: torch.Tensor, labels: torch.Tensor) -> torc
     return -mixture.mean()
 
 
-def build_samples(recipe: Recipe, tokenizer, split: str, lengths: list[str], n) -> dict[tuple[str, str], list]:
-    """BABILong samples per (task, length): training from bAbI train, evaluation from bAbI test.
-
-    `n`: samples per bucket, or a function of the length giving it."""
-    from graftkit.data.babilong import build_babilong
-
-    d = recipe.data
+def build_buckets(tasks: list[Task], tokenizer, split: str, seed_offset: int = 0) -> dict[tuple[int, str], list]:
+    """Examples per (task index, bucket): training examples from each task's train split, evaluation examples
+    from its test split (as many as the task's `train_count` / `eval_count` say)."""
     buckets = {}
-    for task in d.tasks:
-        for length in lengths:
-            count = n(length) if callable(n) else n
-            with status(f"building {count} BABILong {task} {split} samples at {length}"):
-                buckets[(task, length)] = build_babilong(
-                    task, split, length, count, seed=d.seed, tokenizer=tokenizer, books=d.books, babi_dir=d.babi_dir
-                )
+    for index, task in enumerate(tasks):
+        for name in task.buckets(split):
+            count = task.train_count(name) if split == "train" else task.eval_count()
+            what = f"{count} " if count is not None else ""
+            with status(f"building {what}{task.name} {split} examples ({name})"):
+                buckets[(index, name)] = load_examples(task, split, name, count, tokenizer, seed_offset)
+            if not buckets[(index, name)]:
+                raise GraftkitError(f"data.{index}: task {task.name!r} has no {split} examples in bucket {name!r}")
     return buckets
+
+
+def bucket_names(keys) -> dict[tuple[int, str], str]:
+    """How a bucket is named in logs and metrics: its name, prefixed with its task's index where two tasks share it."""
+    keys = list(dict.fromkeys(keys))
+    names = [name for _, name in keys]
+    return {(i, name): name if names.count(name) == 1 else f"{i}:{name}" for i, name in keys}
+
+
+def draw_bucket(rng: np.random.Generator, keys: list, weights: list[float]):
+    """A training bucket: a task by weight (when there are several), then one of its buckets uniformly."""
+    if len(weights) > 1:
+        task = int(rng.choice(len(weights), p=np.asarray(weights) / sum(weights)))
+        keys = [k for k in keys if k[0] == task]
+    return keys[rng.integers(len(keys))]
 
 
 def make_accelerator(train_config):
@@ -193,8 +205,10 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
         graft.backbone.model.to(accelerator.device)
     graft.to(accelerator.device)
     tokenizer = graft.backbone.tokenizer
-    train_buckets = build_samples(recipe, tokenizer, "train", recipe.data.train_lengths, recipe.data.samples_for)
-    eval_buckets = build_samples(recipe, tokenizer, "test", recipe.data.eval_lengths, recipe.data.eval_samples)
+    tasks = [build_task(c) for c in recipe.task_configs()]
+    train_buckets = build_buckets(tasks, tokenizer, "train")
+    eval_buckets = build_buckets(tasks, tokenizer, "test")
+    names = bucket_names([*train_buckets, *eval_buckets])
     cache = HiddenCache(graft, "auto" if cfg.cache_hidden_states else None)
     for bucket in [*train_buckets.values(), *eval_buckets.values()]:
         cache.fill(bucket, progress=progress and accelerator.is_main_process)
@@ -208,10 +222,10 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
     if cfg.recall_steps and not resume:  # a resumed run's checkpoint already holds what the stage trained
         show = progress and accelerator.is_main_process
         wanted = {length_label(n) for n in cfg.recall_lengths}
-        drawn = {k: v for k, v in train_buckets.items() if not wanted or length_label(k[1]) in wanted}
+        drawn = {k: v for k, v in train_buckets.items() if not wanted or length_label(v[0].length or "0") in wanted}
         scores = recall_stage(graft, cache, head, drawn, eval_buckets, cfg, metrics, lambda it, **kw: bar(it, disable=not show, **kw))
-        metrics.write(recall_eval={f"{t}/{l}": v for (t, l), v in scores.items()})
-        print("recall stage: held-out recall accuracy " + " ".join(f"{t}/{l}={v:.1%}" for (t, l), v in scores.items()))
+        metrics.write(recall_eval={names[k]: v for k, v in scores.items()})
+        print("recall stage: held-out recall accuracy " + " ".join(f"{names[k]}={v:.1%}" for k, v in scores.items()))
     if cfg.freeze:
         frozen = graft.freeze(cfg.freeze)
         print(f"holding {len(frozen)} graft parameters fixed ({', '.join(cfg.freeze)})")
@@ -229,7 +243,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
         start, best = info["step"], info.get("best", best)
         print(f"resuming {run_dir} from step {start}")
         metrics = Metrics(run_dir / "metrics.jsonl", resume_from=start)
-    keys = sorted(train_buckets)
+    keys, weights = sorted(train_buckets), [c.weight for c in recipe.task_configs()]
     rank = accelerator.process_index
     background_masks = {}  # sample uid -> its book-text mask, for train.background_cost
     t0, window, recall_window = time.perf_counter(), [], []
@@ -240,14 +254,15 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
         step_loss, step_read, step_mass, step_background, step_recall, step_acc = 0.0, 0.0, 0.0, 0.0, [], []
         for micro in range(cfg.grad_accum):
             rng = np.random.default_rng([cfg.seed, step, micro, rank])
-            bucket = train_buckets[keys[rng.integers(len(keys))]]
+            key = draw_bucket(rng, keys, weights)
+            bucket = train_buckets[key]
             samples = [bucket[i] for i in rng.choice(len(bucket), size=min(cfg.batch_size, len(bucket)), replace=False)]
             hidden, hidden_mask = cache.get(samples)
             batch = turn2_batch(graft.backbone, samples, with_answers=True)
             if cfg.recall_weight:
                 batch.update(recall_targets=head.targets(samples), recall_backs=head.backs(graft.backbone, samples))
             if cfg.background_cost:
-                batch["background"] = background_tokens(graft.backbone.tokenizer, samples, hidden.shape[1],
+                batch["background"] = background_tokens(graft.backbone.tokenizer, tasks[key[0]], samples, hidden.shape[1],
                                                         background_masks).to(hidden.device)
             with accelerator.autocast():
                 out = model(hidden, hidden_mask, **batch)
@@ -295,16 +310,17 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
                           skipped_steps=skipped, elapsed=time.perf_counter() - t0, **extra)
         if done % cfg.eval_every == 0 or done == cfg.steps:
             model.eval()
-            scores = evaluate_buckets(graft, eval_buckets, cache, cfg.batch_size)
+            scores = evaluate_buckets(graft, tasks, eval_buckets, cache, cfg.batch_size)
             model.train()
             accuracy = float(np.mean(list(scores.values())))
-            metrics.write(step=done, eval={f"{t}/{l}": v for (t, l), v in scores.items()}, eval_accuracy=accuracy)
-            pbar.write(f"step {done}: eval accuracy {accuracy:.1%} " + " ".join(f"{t}/{l}={v:.1%}" for (t, l), v in scores.items()))
+            named = {names[k]: v for k, v in scores.items()}
+            metrics.write(step=done, eval=named, eval_accuracy=accuracy)
+            pbar.write(f"step {done}: eval accuracy {accuracy:.1%} " + " ".join(f"{k}={v:.1%}" for k, v in named.items()))
             if accelerator.is_main_process:
                 is_best = accuracy > best["accuracy"]
                 if is_best:
                     best = {"accuracy": accuracy, "step": done}
-                path = save_checkpoint(ckpt_root, done, graft, optimizer, scheduler, {"best": best, "eval": {f"{t}/{l}": v for (t, l), v in scores.items()}}, kept=kept)
+                path = save_checkpoint(ckpt_root, done, graft, optimizer, scheduler, {"best": best, "eval": named}, kept=kept)
                 if is_best:
                     mark_best(ckpt_root, path, accuracy)
     pbar.close()
@@ -345,11 +361,12 @@ def answer_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def evaluate_buckets(graft, buckets: dict, cache: HiddenCache, batch_size: int) -> dict[tuple[str, str], float]:
-    """Two-turn accuracy (official answer check) per (task, length)."""
+def evaluate_buckets(graft, tasks: list[Task], buckets: dict, cache: HiddenCache, batch_size: int) -> dict[tuple[int, str], float]:
+    """Two-turn accuracy (each task's own scorer) per (task index, bucket)."""
     from graftkit.evaluate import graft_predictions
 
-    return {key: float(np.mean([p["correct"] for p in graft_predictions(graft, samples, cache, batch_size)])) for key, samples in buckets.items()}
+    return {key: float(np.mean([p["correct"] for p in graft_predictions(graft, tasks[key[0]], samples, cache, batch_size)]))
+            for key, samples in buckets.items()}
 
 
 class Metrics:

@@ -126,7 +126,7 @@ def test_validate_needs_a_recipe(capsys):
 def test_validate_ok_exit_0(capsys):
     assert main(["validate", str(RECIPE)]) == 0
     captured = capsys.readouterr()
-    assert captured.out == f"{RECIPE}: ok (backbone llama, memory titans, injector layer0_soft_prompt)\n"
+    assert captured.out == f"{RECIPE}: ok (backbone llama, memory titans, injector layer0_soft_prompt, tasks babilong)\n"
     assert captured.err == ""
 
 

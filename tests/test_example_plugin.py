@@ -74,7 +74,7 @@ def test_trains_from_a_recipe_and_exports(tmp_path, monkeypatch):
         "backbone": {"kind": "llama", "source": "tiny-random"},
         "memory": {"kind": "titans", **MEMORY},
         "injector": {"kind": "additive_read", "gate_init": 0.0},
-        "data": {"tasks": ["qa1"], "train_lengths": ["0k"], "eval_lengths": ["0k"], "train_samples": 8, "eval_samples": 4},
+        "data": {"task": "babilong", "tasks": ["qa1"], "train_lengths": ["0k"], "eval_lengths": ["0k"], "train_samples": 8, "eval_samples": 4},
         "train": {"steps": 3, "eval_every": 3, "batch_size": 2, "lr": 0.01, "warmup_steps": 0},
         "output_dir": str(tmp_path / "run"),
     })

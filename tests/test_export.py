@@ -38,7 +38,7 @@ def tiny_recipe(output_dir: Path) -> dict:
         "backbone": {"kind": "llama", "source": "tiny-random"},
         "memory": {"kind": "titans", "heads": 2, "dim_head": 16, "expansion": 2, "chunk_size": 16, "write_layer": 1},
         "injector": {"kind": "layer0_soft_prompt", "num_tokens": 4, "heads": 2},
-        "data": {"tasks": ["qa1"], "train_lengths": ["0k"], "eval_lengths": ["0k"], "train_samples": 8, "eval_samples": 4},
+        "data": {"task": "babilong", "tasks": ["qa1"], "train_lengths": ["0k"], "eval_lengths": ["0k"], "train_samples": 8, "eval_samples": 4},
         # a large learning rate so that three steps open the gates: answers then depend on the graft tensors
         "train": {"steps": 3, "eval_every": 3, "batch_size": 2, "lr": 0.05, "warmup_steps": 0},
         "output_dir": str(output_dir),
@@ -118,7 +118,8 @@ def test_exact_file_set(exported):
     assert {"source", "dtype", "quantize", "revision"} <= set(config["backbone"]["config"])
     assert config["backbone_manifest"]["hidden_size"] == 64 and config["backbone_manifest"]["tokenizer"]
     assert config["memory"]["config"]["heads"] == 2 and config["injector"]["config"]["num_tokens"] == 4
-    assert config["tasks"] == ["qa1"] and config["checkpoint"]["step"] == 3
+    assert [t["tasks"] for t in config["tasks"]] == [["qa1"]] and config["checkpoint"]["step"] == 3
+    assert list(config["prompts"]) == ["qa1"] and config["prompts"]["qa1"]["template"] == "Question: {question}"
     with safe_open(str(exported / TENSORS_FILE), framework="pt") as f:
         assert f.metadata()["memory"] == "titans"
 
@@ -196,7 +197,7 @@ def test_load_onto_a_passed_backbone(exported, tiny_backbone):
     backbone = tiny_backbone("llama")
     with loaded(exported, backbone) as graft:
         assert graft.backbone is backbone
-        assert graft.export_config["tasks"] == ["qa1"]
+        assert graft.export_config["tasks"][0]["task"] == "babilong"
         assert not graft.training
         assert graft.identity() == json.loads((exported / CONFIG_FILE).read_text())["identity"]
     assert no_hooks(backbone)

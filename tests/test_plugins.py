@@ -30,8 +30,10 @@ BUILTIN_COMPONENTS = {
     "backbone": {"qwen2", "llama", "mistral"},
     "memory": {"titans", "linear", "attention_slots"},
     "injector": {"layer0_soft_prompt", "mid_layer", "multi_layer_xattn"},
+    "task": {"babilong", "jsonl", "profile"},
 }
-BUILTIN_PLUGINS = {"backbone": "graftkit.backbones", "memory": "graftkit.memories", "injector": "graftkit.injectors"}
+BUILTIN_PLUGINS = {"backbone": "graftkit.backbones", "memory": "graftkit.memories", "injector": "graftkit.injectors",
+                   "task": "graftkit.tasks"}
 
 TEST_PLUGIN_DIST = "graftkit-test-plugin"
 INSTALL_HINT = "pip install --no-deps --no-build-isolation ./tests/plugins/graftkit-test-plugin"
@@ -183,7 +185,11 @@ def test_component_contract(kind, isolated):
         for field_name, field in cls.Config.model_fields.items():
             assert field.description, f"{kind} {name}: Config.{field_name} has no description"
         assert (cls.__doc__ or "").strip(), f"{kind} {name} has no docstring (`graftkit plugins` shows its first line)"
-        cls.Config()  # every option has a default: `kind: name` alone is a valid block
+        if kind == "task":  # a task may need the user's data files; nothing else is required
+            required = {f for f, info in cls.Config.model_fields.items() if info.is_required()}
+            assert required <= {"train"}, (name, required)
+        else:
+            cls.Config()  # every option has a default: `kind: name` alone is a valid block
 
 
 def test_registration_hooks_do_not_load_models(isolated, monkeypatch):
@@ -226,7 +232,7 @@ def test_plugin_added_in_code_is_usable_everywhere(isolated, tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
         "schema_version: 1\nbackbone: {kind: llama, source: tiny-random}\n"
-        "memory: {kind: in_code_memory, width_hint: 2}\ninjector: {kind: mid_layer}\n"
+        "memory: {kind: in_code_memory, width_hint: 2}\ninjector: {kind: mid_layer}\ndata: {task: babilong}\n"
     )
     assert graftkit.load_recipe(recipe).component_config("memory").width_hint == 2
     with pytest.raises(graftkit.RecipeError, match=r"memory\.width_hnt: unknown key; did you mean 'width_hint'\?"):
@@ -514,7 +520,7 @@ def test_installed_plugin_component_works(isolated, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
         "schema_version: 1\nbackbone: {kind: llama}\nmemory: {kind: test_mean, gain_init: 0.5}\n"
-        "injector: {kind: layer0_soft_prompt}\n"
+        "injector: {kind: layer0_soft_prompt}\ndata: {task: babilong}\n"
     )
     assert graftkit.load_recipe(recipe).component_config("memory").gain_init == 0.5
     with pytest.raises(graftkit.RecipeError, match="did you mean 'gain_init'"):

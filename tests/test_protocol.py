@@ -11,7 +11,7 @@ import torch
 from matrix import make_memory
 
 import graftkit
-from graftkit.data.babilong import build_babilong
+from graftkit.tasks.babilong import babilong_examples
 from graftkit.graft import Graft
 from graftkit.protocol import HiddenCache, question_parts, turn2_batch
 from graftkit.train import TwoTurn
@@ -31,13 +31,13 @@ def graft(tiny_backbone, tmp_path, monkeypatch):
 
 
 def samples(backbone, n=4, length="1k", seed=0):
-    return build_babilong("qa1", "test", length, n, seed=seed, tokenizer=backbone.tokenizer)
+    return babilong_examples("qa1", "test", length, n, seed=seed, tokenizer=backbone.tokenizer)
 
 
 def test_turn2_ids_do_not_depend_on_the_context(graft):
     a = samples(graft.backbone, seed=0)
     others = samples(graft.backbone, seed=7)
-    b = [dataclasses.replace(s, context=o.context) for s, o in zip(a, others)]  # same question, other story
+    b = [dataclasses.replace(s, sessions=o.sessions, context_uid=o.context_uid) for s, o in zip(a, others)]  # same question, other story
     assert all(x.context != y.context for x, y in zip(a, b))
     batch_a, batch_b = turn2_batch(graft.backbone, a, False), turn2_batch(graft.backbone, b, False)
     assert torch.equal(batch_a["input_ids"], batch_b["input_ids"])
@@ -45,13 +45,13 @@ def test_turn2_ids_do_not_depend_on_the_context(graft):
     prefix, question = question_parts(graft.backbone, a[0])
     text = graft.backbone.tokenizer.decode(prefix + question)
     assert a[0].question in text
-    for fact in a[0].facts:  # not one fact of the story is in turn 2
+    for fact in a[0].info["facts"]:  # not one fact of the story is in turn 2
         assert fact not in text
 
 
 def test_only_the_state_changes_the_answer(graft):
     a = samples(graft.backbone, n=2, seed=0)
-    b = [dataclasses.replace(s, context=o.context) for s, o in zip(a, samples(graft.backbone, n=2, seed=7))]
+    b = [dataclasses.replace(s, sessions=o.sessions, context_uid=o.context_uid) for s, o in zip(a, samples(graft.backbone, n=2, seed=7))]
     batch = turn2_batch(graft.backbone, a, False)
     assert torch.equal(batch["input_ids"], turn2_batch(graft.backbone, b, False)["input_ids"])
     state_a = graft.memorize([s.context for s in a])
@@ -94,7 +94,7 @@ def test_generation_with_a_prefix_is_the_same_with_and_without_kv_cache(graft):
 
 
 def test_cached_and_uncached_training_steps_give_the_same_loss(graft, tmp_path):
-    items = build_babilong("qa1", "train", "1k", 4, seed=0, tokenizer=graft.backbone.tokenizer)
+    items = babilong_examples("qa1", "train", "1k", 4, seed=0, tokenizer=graft.backbone.tokenizer)
     cached = HiddenCache(graft, tmp_path / "hidden")
     cached.fill(items, batch_size=3, progress=False)  # other batching than the uncached path
     assert len(list((tmp_path / "hidden").glob("*.safetensors"))) == len(items)

@@ -41,3 +41,17 @@ def test_every_recipe_the_readme_names_exists():
     assert named, "the README names no recipe"
     missing = sorted(n for n in named if not (ROOT / "recipes" / n).is_file())
     assert not missing, missing
+
+
+def test_the_own_data_example_is_valid_and_is_the_shipped_file(tmp_path):
+    from graftkit.tasks.jsonl import read_episodes
+
+    block = re.search(r"### Train on your own data.*?```json\n(.*?)```", README, re.DOTALL)
+    assert block, "the README shows no JSON Lines example"
+    lines = block[1].strip().splitlines()
+    (tmp_path / "shown.jsonl").write_text(block[1])
+    assert len(read_episodes(tmp_path / "shown.jsonl")) == len(lines) >= 2
+    shipped = (ROOT / "examples" / "data" / "my_episodes.jsonl").read_text(encoding="utf-8").splitlines()
+    assert lines[0] == shipped[0]
+    recipe = graftkit.load_recipe(ROOT / "recipes" / "smollm2_jsonl.yaml")
+    assert "recipes/smollm2_jsonl.yaml" in README and recipe.output_dir == "runs/my_graft" and "eval runs/my_graft" in README

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 
 import pytest
@@ -22,10 +24,10 @@ def isolated(tmp_path, monkeypatch):
 
 
 def test_the_question_reads_come_from_the_memory_and_train_only_the_graft(tmp_path):
-    from graftkit.data.babilong import build_babilong
+    from graftkit.tasks.babilong import babilong_examples
 
     graft = built_graft(tmp_path, {"kind": "mid_layer", "layer": 0, "direct_read": True})
-    samples = build_babilong("qa1", "train", "0k", 4, seed=0, tokenizer=graft.backbone.tokenizer)
+    samples = babilong_examples("qa1", "train", "0k", 4, seed=0, tokenizer=graft.backbone.tokenizer)
     cache = HiddenCache(graft, None)
     reads, question = question_reads(graft, cache, samples)
     batch = turn2_batch(graft.backbone, samples, with_answers=False)
@@ -36,7 +38,8 @@ def test_the_question_reads_come_from_the_memory_and_train_only_the_graft(tmp_pa
         graft(batch["input_ids"], graft.write_hidden(*cache.get(samples)), attention_mask=batch["attention_mask"], prefix_ids=batch["prefix_ids"])
         torch.testing.assert_close(graft.injector.reads[question], reads[question].detach())
     # the same questions after other contexts: other reads
-    swapped = [type(s)(**{**s.__dict__, "uid": s.uid + "-other", "context": samples[(i + 1) % 4].context}) for i, s in enumerate(samples)]
+    swapped = [dataclasses.replace(s, uid=s.uid + "-other", context_uid=s.uid + "-other", sessions=samples[(i + 1) % 4].sessions)
+               for i, s in enumerate(samples)]
     assert not torch.allclose(question_reads(graft, cache, swapped)[0][question], reads[question])
     reads[question].sum().backward()
     grads = {name: p.grad for name, p in graft.named_parameters()}
@@ -59,11 +62,11 @@ def test_the_answer_is_a_mixture_over_question_positions():
 
 
 def test_the_last_word_is_the_name_asked_about_wherever_the_padding_puts_it(tmp_path):
-    from graftkit.data.babilong import build_babilong
+    from graftkit.tasks.babilong import babilong_examples
 
     graft = built_graft(tmp_path, {"kind": "mid_layer", "layer": 0, "direct_read": True})
     tok = graft.backbone.tokenizer
-    samples = build_babilong("qa1", "train", "0k", 6, seed=0, tokenizer=tok)
+    samples = babilong_examples("qa1", "train", "0k", 6, seed=0, tokenizer=tok)
     batch = turn2_batch(graft.backbone, samples, with_answers=False)
     width = batch["input_ids"].shape[1]
     assert len({int(n) for n in batch["attention_mask"].sum(1)}) > 1  # rows of several lengths: the padding differs
@@ -132,7 +135,7 @@ def test_the_recall_stage_draws_only_from_its_lengths(tmp_path, monkeypatch):
     monkeypatch.setattr(train_module, "recall_stage", stage)
     train(recipe(tmp_path, "some", steps=1, eval_every=1, recall_steps=5, recall_lengths=["0k"]), progress=False)
     train(recipe(tmp_path, "all", steps=1, eval_every=1, recall_steps=5), progress=False)
-    assert drawn == [[("qa1", "0k")], [("qa1", "0k"), ("qa1", "1k")]]
+    assert drawn == [[(0, "qa1/0k")], [(0, "qa1/0k"), (0, "qa1/1k")]]
 
 
 def test_recall_lengths_must_be_training_lengths():
@@ -146,11 +149,11 @@ def test_recall_lengths_must_be_training_lengths():
 def test_the_recall_loss_of_a_training_pass_reads_what_the_recall_stage_reads(tmp_path, query):
     """The same questions with their answers appended (a training row) and without (a recall-stage row): the
     answer tokens come after the question, so the head sees the same reads and gives the same distribution."""
-    from graftkit.data.babilong import build_babilong
+    from graftkit.tasks.babilong import babilong_examples
     from graftkit.train import recall_logprobs
 
     graft = built_graft(tmp_path, {"kind": "mid_layer", "layer": 0, "direct_read": True})
-    samples = build_babilong("qa1", "train", "0k", 6, seed=0, tokenizer=graft.backbone.tokenizer)
+    samples = babilong_examples("qa1", "train", "0k", 6, seed=0, tokenizer=graft.backbone.tokenizer)
     head = RecallHead(graft.backbone.hidden_size, sorted({s.target for s in samples}), query)
     cache = HiddenCache(graft, None)
     with torch.no_grad():

@@ -104,10 +104,10 @@ def test_a_second_run_starts_from_a_shipped_recipe_with_the_same_graft(path):
         options = [recipe.component_config(block).model_dump(exclude=INFERENCE_ONLY) for recipe in (first, second)]
         assert options[0] == options[1], (path.name, block)
     varying = {"train_lengths", "train_samples"}
-    assert first.data.model_dump(exclude=varying) == second.data.model_dump(exclude=varying), path.name
-    for length in first.data.train_lengths:
-        assert length in second.data.train_lengths, (path.name, length)
-        assert first.data.samples_for(length) == second.data.samples_for(length), (path.name, length)
+    assert first.task_configs()[0].model_dump(exclude=varying) == second.task_configs()[0].model_dump(exclude=varying), path.name
+    for length in first.task_configs()[0].train_lengths:
+        assert length in second.task_configs()[0].train_lengths, (path.name, length)
+        assert first.task_configs()[0].samples_for(length) == second.task_configs()[0].samples_for(length), (path.name, length)
 
 
 # -- broken recipes ----------------------------------------------------------------------------------
@@ -209,7 +209,7 @@ def test_overrides_are_applied_and_typed():
     )
     assert recipe.train.lr == pytest.approx(3e-4) and type(recipe.train.lr) is float
     assert recipe.train.steps == 10 and type(recipe.train.steps) is int
-    assert recipe.data.tasks == ["qa1", "qa2"]
+    assert recipe.task_configs()[0].tasks == ["qa1", "qa2"]
     assert recipe.output_dir == "runs/override test"
     assert recipe.component_config("memory").write_layer == 3
     assert recipe.component_config("injector").gate_init == -2.5
@@ -219,8 +219,8 @@ def test_overrides_are_applied_and_typed():
 
 def test_training_samples_per_length():
     recipe = graftkit.load_recipe(BASE, ["data.train_lengths=[0k, 1k, 4k]", "data.train_samples={0k: 50, 1K: 40, 4000: 3}"])
-    assert [recipe.data.samples_for(length) for length in ("0k", "1k", "4k")] == [50, 40, 3]
-    assert graftkit.load_recipe(BASE, ["data.train_samples=7"]).data.samples_for("4k") == 7
+    assert [recipe.task_configs()[0].samples_for(length) for length in ("0k", "1k", "4k")] == [50, 40, 3]
+    assert graftkit.load_recipe(BASE, ["data.train_samples=7"]).task_configs()[0].samples_for("4k") == 7
 
 
 def test_override_does_not_touch_the_file():
@@ -233,7 +233,7 @@ def test_override_does_not_touch_the_file():
 def test_override_can_add_a_key_the_file_does_not_set():
     recipe = graftkit.load_recipe(BASE, ["train.warmup_steps=7", "data.babi_dir=/tmp/babi"])
     assert recipe.train.warmup_steps == 7
-    assert recipe.data.babi_dir == "/tmp/babi"
+    assert recipe.task_configs()[0].babi_dir == "/tmp/babi"
 
 
 def test_cli_validate_with_override(capsys):

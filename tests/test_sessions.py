@@ -7,6 +7,8 @@ on the memory), exported with `export_graft`: no training run needed here (tests
 
 from __future__ import annotations
 
+from graftkit.tasks.babilong import BabilongConfig, BabilongTask
+
 import io
 import json
 import os
@@ -25,6 +27,7 @@ from graftkit.sessions import ask, chat_turn, fork, load_state, memorize, reset,
 
 STORY = "Mary went to the kitchen. John moved to the garden."
 QUESTION = "Where is Mary?"
+PROMPT = BabilongTask(BabilongConfig(task="babilong", tasks=["qa1"])).prompts()["qa1"]
 MEMORY = {"heads": 2, "dim_head": 16, "expansion": 2, "chunk_size": 16, "write_layer": 1}
 INJECTOR = {"num_tokens": 4, "heads": 2, "gate_init": 1.0}
 
@@ -45,7 +48,7 @@ def setup(tmp_path_factory):
         mp.setenv("GRAFTKIT_CACHE", str(root / "cache"))
         backbone = graftkit.load_backbone({"kind": "llama", "source": "tiny-random"})
         graft = make_graft(backbone, seed=0)
-        directory = export_graft(graft, root / "export", tasks=["qa1"])
+        directory = export_graft(graft, root / "export", tasks=[BabilongConfig(task="babilong", tasks=["qa1"])])
         yield graft, directory, root / "cache"
         graft.injector.detach()
 
@@ -61,11 +64,11 @@ def export_dir(setup, monkeypatch):
     return setup[1]
 
 
-def expected_answer(graft, *lines: str) -> str:
+def expected_answer(graft, *lines: str, task=None) -> str:
     state = None
     for line in lines:
         state = memorize(graft, line, state)
-    return ask(graft, QUESTION, state if state is not None else reset(graft), task="qa1", max_new_tokens=8)
+    return ask(graft, QUESTION, state if state is not None else reset(graft), task=task, max_new_tokens=8)
 
 
 # -- library ------------------------------------------------------------------------------------------------------
@@ -123,17 +126,20 @@ def test_ask_builds_turn_two_as_evaluation_does(graft):
     from graftkit.protocol import turn2_batch
 
     state = memorize(graft, STORY)
-    batch = turn2_batch(graft.backbone, [SimpleNamespace(task="qa1", question=QUESTION)], with_answers=False)
+    batch = turn2_batch(graft.backbone, [SimpleNamespace(prompt=PROMPT, question=QUESTION)], with_answers=False)
     new = graft.generate(batch["input_ids"], state, batch["attention_mask"], max_new_tokens=8, prefix_ids=batch["prefix_ids"])
     want = graft.backbone.tokenizer.batch_decode(new, skip_special_tokens=True)[0].strip()
-    assert ask(graft, QUESTION, state, task="qa1", max_new_tokens=8) == want
+    assert ask(graft, QUESTION, state, task=PROMPT, max_new_tokens=8) == want
+    plain = graft.backbone.chat_ids(QUESTION)  # without a task the question goes in as it is
+    head, tail = graft.backbone.chat_parts("", QUESTION)
+    assert head + tail == plain
 
 
 def test_chat_turn(graft):
     state, reply = chat_turn(graft, reset(graft), "  Mary went to the kitchen.  ")
     assert reply is None and int(state.tokens_written[0]) == len(graft.backbone.text_ids("Mary went to the kitchen."))
-    same, reply = chat_turn(graft, state, QUESTION, task="qa1", max_new_tokens=8)
-    assert same is state and reply == ask(graft, QUESTION, state, task="qa1", max_new_tokens=8)
+    same, reply = chat_turn(graft, state, QUESTION, task=PROMPT, max_new_tokens=8)
+    assert same is state and reply == ask(graft, QUESTION, state, task=PROMPT, max_new_tokens=8)
     assert chat_turn(graft, state, "   ") == (state, None)
 
 
@@ -179,6 +185,11 @@ def test_cli_memorize_and_ask(graft, export_dir, tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert main(["ask", str(export_dir), "--state", str(state), "Where", "is", "Mary?", "--max-new-tokens", "8"]) == 0
     assert capsys.readouterr().out.strip() == expected_answer(graft, STORY, "Mary travelled to the office.")
+    # --task puts the question into a prompt the export recorded
+    assert main(["ask", str(export_dir), "--state", str(state), QUESTION, "--task", "qa1", "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out.strip() == expected_answer(graft, STORY, "Mary travelled to the office.", task=PROMPT)
+    assert main(["ask", str(export_dir), "--state", str(state), QUESTION, "--task", "qa9"]) == 1
+    assert "--task qa9: not a prompt this graft was trained with (it has: qa1)" in capsys.readouterr().err
 
 
 def test_cli_user_mistakes_are_messages(export_dir, tmp_path, capsys):

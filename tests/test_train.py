@@ -20,7 +20,7 @@ RECIPE = {
     "backbone": {"kind": "llama", "source": "tiny-random"},
     "memory": {"kind": "titans", "heads": 2, "dim_head": 16, "chunk_size": 16, "write_layer": 1},
     "injector": {"kind": "layer0_soft_prompt", "num_tokens": 4},
-    "data": {"tasks": ["qa1"], "train_lengths": ["0k", "1k"], "eval_lengths": ["0k"], "train_samples": 8, "eval_samples": 4},
+    "data": {"task": "babilong", "tasks": ["qa1"], "train_lengths": ["0k", "1k"], "eval_lengths": ["0k"], "train_samples": 8, "eval_samples": 4},
     "train": {"steps": 4, "batch_size": 2, "eval_every": 2, "log_every": 1, "warmup_steps": 1},
 }
 
@@ -115,8 +115,12 @@ def test_cli_train_and_eval(tmp_path, capsys):
     results = json.loads((eval_dir / "results.json").read_text())
     assert set(results["table"]) == {"graft", "empty", "full_context", "question_only", "chance"}
     assert results["table"]["chance"]["qa1/0k"] == pytest.approx(1 / 6)
+    kept = results["preservation"]
+    assert kept["n"] == 3 and 0 <= kept["agreement"] <= 1 and kept["loss_backbone"] > 0
+    assert "greedy answers equal to the bare backbone's" in out
     predictions = [json.loads(line) for line in (eval_dir / "predictions.jsonl").read_text().splitlines()]
-    assert len(predictions) == 4 * 3  # four scored rows (chance is computed) x three samples
+    assert len(predictions) == 4 * 3 + 3  # four scored rows (chance is computed) x three samples, three general prompts
+    assert {p["row"] for p in predictions} == {"graft", "empty", "full_context", "question_only", "preservation"}
     assert main(["eval", str(tmp_path / "nowhere")]) == 1
     assert "not a graftkit run directory" in capsys.readouterr().err
 
@@ -136,7 +140,7 @@ def test_eval_overrides_change_that_evaluation_only(tmp_path, capsys, monkeypatc
     args = ["--n", "2", "--lengths", "0k", "--rows", "graft"]
     assert main(["eval", str(tmp_path / "run"), "memory.write_floor=0.99", *args]) == 0
     assert seen[-1].config.write_floor == 0.99 and not seen[-1].training  # eval mode: the floor applies
-    assert json.loads((tmp_path / "run" / "eval" / "results.json").read_text())["overrides"] == ["memory.write_floor=0.99"]
+    assert json.loads((tmp_path / "run" / "eval" / "results.json").read_text())["overrides"] == ["memory.write_floor=0.99", "data.0.eval_lengths=[0k]"]
     assert (tmp_path / "run" / "recipe.yaml").read_text() == recipe_text
     capsys.readouterr()
     assert main(["eval", str(tmp_path / "run"), "memory.heads=4", *args]) == 1
@@ -147,13 +151,14 @@ def test_eval_overrides_change_that_evaluation_only(tmp_path, capsys, monkeypatc
 
 def test_training_samples_per_length(tmp_path):
     from graftkit.backbones.sources import byte_tokenizer
-    from graftkit.train import build_samples
+    from graftkit.task import build_task
+    from graftkit.train import build_buckets
 
     raw = json.loads(json.dumps(RECIPE))
     raw["data"]["train_samples"] = {"0k": 5, "1k": 3}
     parsed = validate_recipe(raw)
-    buckets = build_samples(parsed, byte_tokenizer(), "train", ["0k", "1k"], parsed.data.samples_for)
-    assert {length: len(samples) for (_, length), samples in buckets.items()} == {"0k": 5, "1k": 3}
+    buckets = build_buckets([build_task(c) for c in parsed.task_configs()], byte_tokenizer(), "train")
+    assert {name: len(samples) for (_, name), samples in buckets.items()} == {"qa1/0k": 5, "qa1/1k": 3}
 
 
 def poison_losses(monkeypatch, bad_calls):
@@ -231,11 +236,11 @@ def test_read_loss_scores_the_answer_at_question_positions_only(tmp_path):
     {"kind": "mid_layer", "layer": 1, "direct_read": True},
 ], ids=lambda i: i["kind"])
 def test_read_loss_is_added_to_the_answer_loss(tmp_path, injector):
-    from graftkit.data.babilong import build_babilong
+    from graftkit.tasks.babilong import babilong_examples
     from graftkit.train import TwoTurn
 
     graft = built_graft(tmp_path, injector)
-    samples = build_babilong("qa1", "train", "0k", 3, seed=0, tokenizer=graft.backbone.tokenizer)
+    samples = babilong_examples("qa1", "train", "0k", 3, seed=0, tokenizer=graft.backbone.tokenizer)
     hidden, mask = HiddenCache(graft, None).get(samples)
     batch = turn2_batch(graft.backbone, samples, with_answers=True)
     plain = TwoTurn(graft)(hidden, mask, **batch)

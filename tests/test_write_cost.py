@@ -17,6 +17,10 @@ from graftkit.state import WRITTEN
 from graftkit.train import TwoTurn, background_tokens, train, write_mass
 from test_train import RECIPE, built_graft, recipe
 
+from graftkit.tasks.babilong import BabilongConfig, BabilongTask
+
+TASK = BabilongTask(BabilongConfig(task="babilong"))
+
 DIM = 16
 
 
@@ -62,10 +66,10 @@ def test_a_token_written_at_strength_zero_leaves_the_memory_as_it_was(kind):
 
 
 def test_the_write_cost_adds_the_write_mass_to_the_loss_and_lowers_it(tmp_path):
-    from graftkit.data.babilong import build_babilong
+    from graftkit.tasks.babilong import babilong_examples
 
     graft = built_graft(tmp_path, {"kind": "layer0_soft_prompt", "num_tokens": 4})
-    samples = build_babilong("qa1", "train", "0k", 3, seed=0, tokenizer=graft.backbone.tokenizer)
+    samples = babilong_examples("qa1", "train", "0k", 3, seed=0, tokenizer=graft.backbone.tokenizer)
     hidden, mask = HiddenCache(graft, None).get(samples)
     assert not mask.all()  # contexts of several lengths: padding must not count
     batch = turn2_batch(graft.backbone, samples, with_answers=True)
@@ -103,38 +107,38 @@ def test_a_run_with_a_write_cost_logs_its_write_mass(tmp_path, field):
 
 
 def test_background_tokens_are_the_context_outside_the_facts(tmp_path):
-    from graftkit.data.babilong import build_babilong
+    from graftkit.tasks.babilong import babilong_examples
 
     graft = built_graft(tmp_path, {"kind": "layer0_soft_prompt", "num_tokens": 4})
     tokenizer = graft.backbone.tokenizer
-    facts_only = build_babilong("qa1", "train", "0k", 2, seed=0, tokenizer=tokenizer)
+    facts_only = babilong_examples("qa1", "train", "0k", 2, seed=0, tokenizer=tokenizer)
     hidden, mask = HiddenCache(graft, None).get(facts_only)
-    assert not (background_tokens(tokenizer, facts_only, hidden.shape[1]) * mask).any()  # nothing but facts
-    in_books = build_babilong("qa1", "train", "1k", 2, seed=0, tokenizer=tokenizer)
+    assert not (background_tokens(tokenizer, TASK, facts_only, hidden.shape[1]) * mask).any()  # nothing but facts
+    in_books = babilong_examples("qa1", "train", "1k", 2, seed=0, tokenizer=tokenizer)
     n_tokens = max(len(graft.backbone.text_ids(s.context)) for s in in_books)
-    for row, sample in zip(background_tokens(tokenizer, in_books, n_tokens + 5), in_books):
+    for row, sample in zip(background_tokens(tokenizer, TASK, in_books, n_tokens + 5), in_books):
         offsets = tokenizer(sample.context, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
         assert not row[len(offsets):].any()  # padding is not background
         kept = "".join(sample.context[a:b] for (a, b), outside in zip(offsets, row) if not outside)
-        assert kept.split() == " ".join(sample.facts).split()  # the facts' words, in order, and nothing else
+        assert kept.split() == " ".join(sample.info["facts"]).split()  # the facts' words, in order, and nothing else
         assert 0.5 < row[: len(offsets)].mean() < 1.0  # most of a 1k context is book text
     known = {}
-    first = background_tokens(tokenizer, in_books, n_tokens, known)
+    first = background_tokens(tokenizer, TASK, in_books, n_tokens, known)
     assert sorted(known) == sorted(s.uid for s in in_books)
 
     def no_tokenizing(*args, **kwargs):
         raise AssertionError("a known sample was tokenized again")
 
-    assert torch.equal(background_tokens(no_tokenizing, in_books, n_tokens, known), first)
+    assert torch.equal(background_tokens(no_tokenizing, TASK, in_books, n_tokens, known), first)
 
 
 def test_the_background_cost_weighs_only_book_text(tmp_path):
-    from graftkit.data.babilong import build_babilong
+    from graftkit.tasks.babilong import babilong_examples
 
     graft = built_graft(tmp_path, {"kind": "layer0_soft_prompt", "num_tokens": 4})
-    samples = build_babilong("qa1", "train", "1k", 2, seed=0, tokenizer=graft.backbone.tokenizer)
+    samples = babilong_examples("qa1", "train", "1k", 2, seed=0, tokenizer=graft.backbone.tokenizer)
     hidden, mask = HiddenCache(graft, None).get(samples)
-    background = background_tokens(graft.backbone.tokenizer, samples, hidden.shape[1])
+    background = background_tokens(graft.backbone.tokenizer, TASK, samples, hidden.shape[1])
     batch = turn2_batch(graft.backbone, samples, with_answers=True)
     plain, costly = TwoTurn(graft), TwoTurn(graft, background_cost=0.5)
     with torch.no_grad():

@@ -68,6 +68,21 @@ class Sample:
         """A JSON-friendly dict of all fields."""
         return asdict(self)
 
+    # What the two-turn protocol reads of an example (`graftkit.task.Example`), so a sample goes where one does.
+    @property
+    def sessions(self) -> tuple[str, ...]:
+        return (self.context,)
+
+    @property
+    def context_uid(self) -> str:
+        return self.uid
+
+    @property
+    def prompt(self):
+        from graftkit.tasks.babilong import BabilongTask
+
+        return BabilongTask.task_prompt(self.task)
+
 
 def sample_uid(
     task: str, split: str, length: str, index: int, seed: int, context: str, question: str, target: str

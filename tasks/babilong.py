@@ -1,0 +1,169 @@
+"""BABILong: bAbI facts hidden in background books, asked about after the context (Kuratov et al., 2024).
+
+The data side (bAbI parsing, the sample builder, the official prompts and answer check) lives in
+`graftkit.data`; this module makes it a task. Buckets are `{bAbI task}/{length}`, e.g. `qa1/1k`.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+from pydantic import Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
+
+from graftkit.data.tasks import DataError, check_split, check_task, length_label, parse_length
+from graftkit.task import Example, Prompt, Task, TaskConfig
+
+
+class BabilongConfig(TaskConfig):
+    tasks: list[str] = Field(["qa1"], min_length=1, description="bAbI tasks to train and evaluate on (qa1..qa5 vendored; "
+                             "any of qa1..qa20 with babi_dir).")
+    train_lengths: list[str] = Field(["0k", "1k"], min_length=1, description="Context lengths sampled for training.")
+    eval_lengths: list[str] = Field(["1k"], min_length=1, description="Context lengths evaluated (in training and by "
+                                    "`graftkit eval`).")
+    train_samples: int | dict[str, int] = Field(
+        2000,
+        description="Training samples per bAbI task and length; a mapping such as {0k: 1000, 1k: 1000, 4k: 300} "
+        "sets it per length (every training length must be named).",
+    )
+    eval_samples: int = Field(100, gt=0, description="Evaluation samples per bAbI task and length during training.")
+    babi_dir: str | None = Field(None, description="A bAbI v1.2 directory to use instead of the vendored subset.")
+    books: list[str] | None = Field(None, description="Background text files to use instead of the vendored books.")
+    corrected: bool = Field(False, description="Score with the corrected answer check (whole words: qa7's none/one).")
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, value: list[str]) -> list[str]:
+        for task in value:
+            try:
+                check_task(task)
+            except DataError as exc:
+                raise PydanticCustomError("task", str(exc)) from None
+        return value
+
+    @field_validator("train_lengths", "eval_lengths")
+    @classmethod
+    def _lengths(cls, value: list[str]) -> list[str]:
+        for length in value:
+            try:
+                parse_length(length)
+            except DataError as exc:
+                raise PydanticCustomError("length", str(exc)) from None
+        return value
+
+    @field_validator("train_samples", mode="before")
+    @classmethod
+    def _counts(cls, value: Any, info: ValidationInfo) -> int | dict[str, int]:
+        def count(n: Any) -> int:
+            if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+                raise PydanticCustomError("count", "expected a positive integer or a mapping {length: positive integer}")
+            return n
+
+        if not isinstance(value, dict):
+            return count(value)
+        counts = {str(length): count(n) for length, n in value.items()}
+        named, lengths = set(map(_label, counts)), set(map(_label, info.data.get("train_lengths", [])))
+        if len(named) != len(counts) or named != lengths:
+            raise PydanticCustomError(
+                "lengths",
+                "names the lengths {named} but train_lengths is {lengths}; name each training length once",
+                {"named": sorted(named), "lengths": sorted(lengths)},
+            )
+        return counts
+
+    def samples_for(self, length: str) -> int:
+        """Training samples per bAbI task at `length`."""
+        if isinstance(self.train_samples, int):
+            return self.train_samples
+        return {_label(k): n for k, n in self.train_samples.items()}[_label(length)]
+
+
+def _label(length: str) -> str:
+    try:
+        return length_label(length)
+    except DataError:
+        return str(length)
+
+
+class BabilongTask(Task):
+    """BABILong two-turn: bAbI stories in book text, the official prompts and answer check."""
+
+    name = "babilong"
+    Config = BabilongConfig
+    marks_facts = True
+    closed_answers = True
+    demo = ("Mary went to the kitchen. John moved to the garden.", "Where is Mary?")
+
+    def buckets(self, split: str) -> list[str]:
+        check_split(split)
+        lengths = self.config.train_lengths if split == "train" else self.config.eval_lengths
+        return [f"{task}/{length_label(length)}" for task in self.config.tasks for length in lengths]
+
+    def train_count(self, bucket: str) -> int:
+        return self.config.samples_for(bucket.split("/")[1])
+
+    def eval_count(self) -> int:
+        return self.config.eval_samples
+
+    def examples(self, split, bucket, n, tokenizer=None, seed_offset=0):
+        from graftkit.data.babilong import build_babilong
+
+        task, length = bucket.split("/")
+        if n is None:
+            n = self.train_count(bucket) if split == "train" else self.config.eval_samples
+        samples = build_babilong(task, split, length, n, seed=self.config.seed + seed_offset, tokenizer=tokenizer,
+                                 books=self.config.books, babi_dir=self.config.babi_dir)
+        return [
+            Example(uid=s.uid, sessions=(s.context,), question=s.question, target=s.target, bucket=bucket,
+                    length=s.length, info={"task": s.task, "facts": list(s.facts), "source": s.source, "n_tokens": s.n_tokens})
+            for s in samples
+        ]
+
+    def prompt(self, example: Example) -> Prompt:
+        return self.task_prompt(self._bab(example))
+
+    def prompts(self) -> dict[str, Prompt]:
+        return {task: self.task_prompt(task) for task in self.config.tasks}
+
+    @staticmethod
+    def task_prompt(task: str) -> Prompt:
+        """The turn-2 prompt of a bAbI task: the official instruction, then "Question: ..."."""
+        from graftkit.data.prompts import question_prompt
+
+        head, _, template = question_prompt(task, "{question}").rpartition("\n\n")
+        return Prompt(head, template)
+
+    def score(self, example: Example, output: str) -> bool:
+        from graftkit.data.metric import compare_answers
+
+        return bool(compare_answers(example.target, output, example.question, self._bab(example), corrected=self.config.corrected))
+
+    def labels(self, example: Example):
+        from graftkit.data.metric import task_labels
+
+        return sorted(task_labels(self._bab(example)))
+
+    def full_context_prompt(self, example: Example) -> str:
+        from graftkit.data.prompts import full_context_prompt
+
+        return full_context_prompt(self._bab(example), example.context, example.question)
+
+    def fact_mask(self, example: Example, offsets):
+        from graftkit.data.babilong import fact_token_mask
+
+        return fact_token_mask(SimpleNamespace(context=example.context, facts=example.info["facts"]), offsets)
+
+    @staticmethod
+    def _bab(example: Example) -> str:
+        return example.info.get("task") or example.bucket.split("/")[0]
+
+
+def babilong_examples(task: str, split: str, length: str, n: int, seed: int = 0, tokenizer=None, books=None,
+                      babi_dir=None) -> list[Example]:
+    """Examples of one bAbI task at one length, with their turn-2 prompts: `build_babilong`'s samples as a
+    task's examples (for scripts and tests that need one bucket)."""
+    from graftkit.task import load_examples
+
+    config = BabilongConfig(task="babilong", tasks=[task], seed=seed, books=books, babi_dir=babi_dir)
+    return load_examples(BabilongTask(config), split, f"{task}/{length_label(length)}", n, tokenizer)

@@ -38,7 +38,7 @@ def measure(args) -> None:
     from graftkit.evaluate import EVAL_SEED_OFFSET
     from graftkit.progress import bar
     from graftkit.protocol import HiddenCache, turn2_batch
-    from graftkit.train import background_tokens
+    from graftkit.objectives.write import background_tokens
 
     recipe, graft, info = load_run(args.run_dir, args.checkpoint, overrides=args.overrides)
     graft.eval()

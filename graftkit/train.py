@@ -1,8 +1,9 @@
 """`graftkit train`: two-turn training of a graft on a frozen backbone, on the recipe's tasks.
 
-Every step: a batch from one bucket of one task (tasks drawn by their `weight`); turn-1 hidden states (cached on disk) are written
-into a fresh memory state with gradients flowing into the memory's meta-parameters; turn 2 (the
-question alone) is scored on the answer tokens. Only graft parameters are optimised (AdamW, warm-up +
+Every step: a batch from one bucket of one task (tasks drawn by their `weight`); turn-1 hidden states
+(cached on disk) are written into a fresh memory state with gradients flowing into the memory's
+meta-parameters; turn 2 (the question alone) is scored on the answer tokens, plus the weighted terms of
+the auxiliary objectives the recipe turns on (`graftkit.objectives`). Only graft parameters are optimised (AdamW, warm-up +
 cosine, clipping). A step whose loss or gradient norm is not finite is skipped (its update dropped,
 counted in the metrics); MAX_NONFINITE_STEPS of them in a row stop the run with an error. accelerate
 places the work (CPU, one or several GPUs, bf16 where supported).
@@ -19,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
 from torch import nn
 
@@ -36,7 +36,8 @@ from graftkit.data.tasks import length_label
 from graftkit.errors import GraftkitError
 from graftkit.progress import bar, status
 from graftkit.protocol import HiddenCache, turn2_batch
-from graftkit.recall import RecallHead, input_reads, load_initial_head, recall_stage
+from graftkit.objectives import Objective, build_objectives
+from graftkit.recall import RecallHead, load_initial_head, recall_stage
 from graftkit.recipe import Recipe
 from graftkit.task import Task, build_task, load_examples
 
@@ -53,88 +54,24 @@ class TrainResult:
 
 
 class TwoTurn(nn.Module):
-    """Turn-1 write + turn-2 loss as one forward, so data-parallel wrappers see a single call."""
+    """Turn-1 write + turn-2 loss (+ each objective's weighted term) as one forward, so data-parallel
+    wrappers see a single call. `out.terms` holds what the objectives report."""
 
-    def __init__(self, graft, read_loss: float = 0.0, recall_head: RecallHead | None = None, recall_weight: float = 0.0,
-                 write_cost: float = 0.0, background_cost: float = 0.0):
+    def __init__(self, graft, objectives: list[Objective] = ()):
         super().__init__()
         self.graft = graft
-        self.read_loss = read_loss  # weight of `read_loss` in the loss; 0 = answer loss only
-        self.recall_head = recall_head  # with recall_weight > 0: the recall loss on the same pass's reads
-        self.recall_weight = recall_weight
-        self.write_cost = write_cost  # weight of the write mass (`write_mass`) in the loss; 0 = off
-        self.background_cost = background_cost  # weight of the write mass on background tokens only; 0 = off
+        self.objectives = nn.ModuleList(objectives)
 
-    def forward(self, hidden, hidden_mask, input_ids, attention_mask, labels, prefix_ids=None, recall_targets=None, recall_backs=None,
-                background=None):
+    def forward(self, hidden, hidden_mask, input_ids, attention_mask, labels, prefix_ids=None, **inputs):
         state = self.graft.write_hidden(hidden, hidden_mask)
         out = self.graft(input_ids, state, attention_mask=attention_mask, labels=labels, prefix_ids=prefix_ids)
-        if self.read_loss:
-            out.read_loss = read_loss(self.graft, attention_mask, labels)
-            out.loss = out.loss + self.read_loss * out.read_loss
-        if self.recall_weight:
-            logp = recall_logprobs(self.graft, self.recall_head, attention_mask, labels, recall_backs)
-            out.recall_loss = F.nll_loss(logp, recall_targets)
-            out.recall_acc = (logp.argmax(-1) == recall_targets).float().mean()
-            out.loss = out.loss + self.recall_weight * out.recall_loss
-        if self.write_cost:
-            out.write_mass = write_mass(self.graft, hidden, hidden_mask)
-            out.loss = out.loss + self.write_cost * out.write_mass
-        if self.background_cost:
-            out.background_mass = write_mass(self.graft, hidden, hidden_mask * background)
-            out.loss = out.loss + self.background_cost * out.background_mass
+        out.terms = {}
+        batch = {"attention_mask": attention_mask, "labels": labels, **inputs}
+        for objective in self.objectives:
+            term, logged = objective(self.graft, hidden, hidden_mask, batch)
+            out.loss = out.loss + objective.weight * term
+            out.terms.update(logged)
         return out
-
-
-def write_mass(graft, hidden: torch.Tensor, hidden_mask: torch.Tensor) -> torch.Tensor:
-    """The memory's write strengths summed over each context's written tokens, averaged over rows and heads."""
-    strengths = graft.write_strengths(hidden)  # b n heads
-    return (strengths * hidden_mask[..., None].to(strengths.dtype)).sum(1).mean()
-
-
-def background_tokens(tokenizer, task: Task, samples, n_tokens: int, known: dict | None = None) -> torch.Tensor:
-    """(b n_tokens) 1.0 on the context tokens that lie outside the samples' facts (as `task.fact_mask` says),
-    else 0. `known` (sample uid -> mask) keeps each sample's mask, so a sample drawn again is not tokenized again."""
-    rows = torch.zeros(len(samples), n_tokens)
-    for row, sample in zip(rows, samples):
-        mask = known.get(sample.uid) if known is not None else None
-        if mask is None:
-            offsets = tokenizer(sample.context, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-            mask = torch.from_numpy(~task.fact_mask(sample, offsets))
-            if known is not None:
-                known[sample.uid] = mask
-        row[: min(len(mask), n_tokens)] = mask[:n_tokens].float()
-    return rows
-
-
-def recall_logprobs(graft, head: RecallHead, attention_mask: torch.Tensor, labels: torch.Tensor, backs) -> torch.Tensor:
-    """The recall head's log p(answer) (b answers) from the reads of a training pass, whose rows end with answers."""
-    reads = input_reads(graft, labels.shape[1], "train.recall_weight").float()
-    scored = labels != -100
-    ends = scored.int().argmax(-1)  # index of each row's first answer token: its question part ends there
-    return head(reads, attention_mask.bool() & ~scored, ends, backs)
-
-
-def read_loss(graft, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """How well the memory's reads over the question name the answer, with the frozen backbone's own decoder.
-
-    Each question position's read (the injector's `reads`, b n d) goes through the backbone's final norm
-    and LM head; the loss is -log of the answer's first token's probability averaged over the row's
-    question positions (padding and answer positions excluded), so one position that recalls the answer
-    suffices: typically the name asked about. It reaches the memory without passing through the frozen
-    layers, where the answer loss's signal is weak.
-    """
-    reads = input_reads(graft, labels.shape[1], "train.read_loss")
-    scored = labels != -100
-    first = scored.int().argmax(-1)  # rows end with their answers: index of the first answer token
-    rows = torch.arange(labels.shape[0], device=labels.device)
-    target = labels[rows, first]
-    question = attention_mask.bool() & ~scored
-    logp = torch.log_softmax(graft.backbone.logits(reads).float(), dim=-1)  # b n vocab
-    at = logp.gather(-1, target[:, None, None].expand(-1, logp.shape[1], 1)).squeeze(-1)  # b n
-    at = at.masked_fill(~question, float("-inf"))
-    mixture = torch.logsumexp(at, dim=-1) - question.sum(-1).clamp(min=1).float().log()
-    return -mixture.mean()
 
 
 def build_buckets(tasks: list[Task], tokenizer, split: str, seed_offset: int = 0) -> dict[tuple[int, str], list]:
@@ -234,7 +171,8 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
     params = [*graft.trainable_parameters(), *(p for module in kept.values() for p in module.parameters())]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps))
-    model = TwoTurn(graft, cfg.read_loss, kept.get("recall_head"), cfg.recall_weight, cfg.write_cost, cfg.background_cost)
+    objectives = build_objectives(cfg, head)
+    model = TwoTurn(graft, objectives)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     start, best = 0, {"accuracy": -1.0, "step": 0}
@@ -245,13 +183,13 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
         metrics = Metrics(run_dir / "metrics.jsonl", resume_from=start)
     keys, weights = sorted(train_buckets), [c.weight for c in recipe.task_configs()]
     rank = accelerator.process_index
-    background_masks = {}  # sample uid -> its book-text mask, for train.background_cost
-    t0, window, recall_window = time.perf_counter(), [], []
+    windowed = {name for objective in objectives for name in objective.windowed}
+    t0, window, windows = time.perf_counter(), [], {name: [] for name in windowed}
     skipped, bad_run = 0, 0  # updates dropped for a non-finite loss or gradient: in all, in a row
     pbar = bar(range(start, cfg.steps), initial=start, total=cfg.steps, desc="training", disable=not (progress and accelerator.is_main_process))
     model.train()
     for step in pbar:
-        step_loss, step_read, step_mass, step_background, step_recall, step_acc = 0.0, 0.0, 0.0, 0.0, [], []
+        step_loss, step_terms, step_acc = 0.0, {}, []
         for micro in range(cfg.grad_accum):
             rng = np.random.default_rng([cfg.seed, step, micro, rank])
             key = draw_bucket(rng, keys, weights)
@@ -259,23 +197,14 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
             samples = [bucket[i] for i in rng.choice(len(bucket), size=min(cfg.batch_size, len(bucket)), replace=False)]
             hidden, hidden_mask = cache.get(samples)
             batch = turn2_batch(graft.backbone, samples, with_answers=True)
-            if cfg.recall_weight:
-                batch.update(recall_targets=head.targets(samples), recall_backs=head.backs(graft.backbone, samples))
-            if cfg.background_cost:
-                batch["background"] = background_tokens(graft.backbone.tokenizer, tasks[key[0]], samples, hidden.shape[1],
-                                                        background_masks).to(hidden.device)
+            for objective in objectives:
+                batch.update(objective.inputs(graft, tasks[key[0]], samples, hidden))
             with accelerator.autocast():
                 out = model(hidden, hidden_mask, **batch)
             accelerator.backward(out.loss / cfg.grad_accum)
             step_loss += out.loss.item() / cfg.grad_accum
-            if cfg.read_loss:
-                step_read += out.read_loss.item() / cfg.grad_accum
-            if cfg.write_cost:
-                step_mass += out.write_mass.item() / cfg.grad_accum
-            if cfg.background_cost:
-                step_background += out.background_mass.item() / cfg.grad_accum
-            if cfg.recall_weight:
-                step_recall.append((out.recall_loss.item(), out.recall_acc.item()))
+            for name, value in out.terms.items():
+                step_terms[name] = step_terms.get(name, 0.0) + value.item() / cfg.grad_accum
             step_acc.append(answer_accuracy(out.logits.detach(), batch["labels"]))
         norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
         if all_finite(accelerator, step_loss, norm) or accelerator.scaler is not None:  # fp16's scaler skips itself
@@ -296,14 +225,10 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
         window = (window + [float(np.mean(step_acc))])[-50:]
-        extra = {"read_loss": step_read} if cfg.read_loss else {}
-        if cfg.write_cost:
-            extra["write_mass"] = step_mass
-        if cfg.background_cost:
-            extra["background_mass"] = step_background
-        if cfg.recall_weight:
-            recall_window = (recall_window + [float(np.mean([a for _, a in step_recall]))])[-50:]
-            extra.update(aux_recall_loss=float(np.mean([v for v, _ in step_recall])), aux_recall_acc=float(np.mean(recall_window)))
+        extra = dict(step_terms)
+        for name in windowed:
+            windows[name] = (windows[name] + [step_terms[name]])[-50:]
+            extra[name] = float(np.mean(windows[name]))
         pbar.set_postfix(loss=f"{step_loss:.3f}", acc=f"{np.mean(window):.1%}", **{k: f"{v:.3f}" for k, v in extra.items()})
         if done % cfg.log_every == 0 or done == cfg.steps:
             metrics.write(step=done, loss=step_loss, answer_acc=float(np.mean(window)), lr=scheduler.get_last_lr()[0],

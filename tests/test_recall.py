@@ -150,7 +150,7 @@ def test_the_recall_loss_of_a_training_pass_reads_what_the_recall_stage_reads(tm
     """The same questions with their answers appended (a training row) and without (a recall-stage row): the
     answer tokens come after the question, so the head sees the same reads and gives the same distribution."""
     from graftkit.tasks.babilong import babilong_examples
-    from graftkit.train import recall_logprobs
+    from graftkit.objectives.recall import recall_logprobs
 
     graft = built_graft(tmp_path, {"kind": "mid_layer", "layer": 0, "direct_read": True})
     samples = babilong_examples("qa1", "train", "0k", 6, seed=0, tokenizer=graft.backbone.tokenizer)

@@ -212,7 +212,7 @@ def built_graft(tmp_path, injector: dict):
 
 def test_read_loss_scores_the_answer_at_question_positions_only(tmp_path):
     """Hand-made batch: row 0 is left-padded; -log of the answer's probability averaged over question positions."""
-    from graftkit.train import read_loss
+    from graftkit.objectives.read import read_loss
 
     graft = built_graft(tmp_path, {"kind": "mid_layer", "layer": 0, "direct_read": True})
     torch.manual_seed(1)
@@ -237,6 +237,7 @@ def test_read_loss_scores_the_answer_at_question_positions_only(tmp_path):
 ], ids=lambda i: i["kind"])
 def test_read_loss_is_added_to_the_answer_loss(tmp_path, injector):
     from graftkit.tasks.babilong import babilong_examples
+    from graftkit.objectives.read import ReadLoss
     from graftkit.train import TwoTurn
 
     graft = built_graft(tmp_path, injector)
@@ -244,11 +245,12 @@ def test_read_loss_is_added_to_the_answer_loss(tmp_path, injector):
     hidden, mask = HiddenCache(graft, None).get(samples)
     batch = turn2_batch(graft.backbone, samples, with_answers=True)
     plain = TwoTurn(graft)(hidden, mask, **batch)
-    with_reads = TwoTurn(graft, read_loss=0.5)(hidden, mask, **batch)
+    with_reads = TwoTurn(graft, [ReadLoss(0.5)])(hidden, mask, **batch)
     assert graft.injector.reads.shape[:2] == batch["input_ids"].shape  # one read per question position
-    assert with_reads.read_loss > 0
-    torch.testing.assert_close(with_reads.loss, plain.loss + 0.5 * with_reads.read_loss)
-    with_reads.read_loss.backward()
+    read = with_reads.terms["read_loss"]
+    assert read > 0
+    torch.testing.assert_close(with_reads.loss, plain.loss + 0.5 * read)
+    read.backward()
     grads = {name: p.grad for name, p in graft.named_parameters() if p.requires_grad}
     assert any(g is not None and g.abs().sum() > 0 for name, g in grads.items() if name.startswith("memory."))
     assert any(g is not None and g.abs().sum() > 0 for name, g in grads.items() if name.startswith("injector.to_query"))

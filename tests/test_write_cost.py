@@ -14,7 +14,8 @@ from graftkit.memories.titans import TitansMemory
 from graftkit.protocol import HiddenCache, turn2_batch
 from graftkit.recipe import validate_recipe
 from graftkit.state import WRITTEN
-from graftkit.train import TwoTurn, background_tokens, train, write_mass
+from graftkit.objectives.write import BackgroundCost, WriteCost, background_tokens, write_mass
+from graftkit.train import TwoTurn, train
 from test_train import RECIPE, built_graft, recipe
 
 from graftkit.tasks.babilong import BabilongConfig, BabilongTask
@@ -73,7 +74,7 @@ def test_the_write_cost_adds_the_write_mass_to_the_loss_and_lowers_it(tmp_path):
     hidden, mask = HiddenCache(graft, None).get(samples)
     assert not mask.all()  # contexts of several lengths: padding must not count
     batch = turn2_batch(graft.backbone, samples, with_answers=True)
-    plain, costly = TwoTurn(graft), TwoTurn(graft, write_cost=0.5)
+    plain, costly = TwoTurn(graft), TwoTurn(graft, [WriteCost(0.5)])
     mass = write_mass(graft, hidden, mask)
     by_hand = torch.stack([graft.write_strengths(hidden[i : i + 1, : int(mask[i].sum())])[0].sum(0) for i in range(3)]).mean()
     torch.testing.assert_close(mass, by_hand)
@@ -140,10 +141,10 @@ def test_the_background_cost_weighs_only_book_text(tmp_path):
     hidden, mask = HiddenCache(graft, None).get(samples)
     background = background_tokens(graft.backbone.tokenizer, TASK, samples, hidden.shape[1])
     batch = turn2_batch(graft.backbone, samples, with_answers=True)
-    plain, costly = TwoTurn(graft), TwoTurn(graft, background_cost=0.5)
+    plain, costly = TwoTurn(graft), TwoTurn(graft, [BackgroundCost(0.5)])
     with torch.no_grad():
         out = costly(hidden, mask, **batch, background=background)
         by_hand = write_mass(graft, hidden, mask * background)
-        torch.testing.assert_close(out.background_mass, by_hand)
+        torch.testing.assert_close(out.terms["background_mass"], by_hand)
         assert 0 < by_hand < write_mass(graft, hidden, mask)  # the facts' writes are left out
         torch.testing.assert_close(out.loss, plain(hidden, mask, **batch).loss + 0.5 * by_hand)

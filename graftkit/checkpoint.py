@@ -111,7 +111,7 @@ def load_run(run_dir, which: str = "best", backbone=None, overrides=()):
     run_dir = Path(run_dir)
     if not (run_dir / "recipe.yaml").is_file():
         raise GraftkitError(f"{run_dir}: not a graftkit run directory (no recipe.yaml)")
-    recipe = load_recipe(run_dir / "recipe.yaml", overrides)
+    recipe = load_recipe(run_dir / "recipe.yaml", overrides, training=False)
     path = resolve_checkpoint(run_dir, str(which))
     graft = build_graft(recipe, backbone=backbone, calibrate=False)  # the checkpoint holds the statistics
     try:

@@ -133,7 +133,7 @@ def cmd_eval(args) -> int:
 
     overrides = list(args.overrides)
     if args.lengths:
-        overrides += lengths_overrides(args.run_dir, _split(args.lengths))
+        overrides += lengths_overrides(args.run_dir, _split(args.lengths), overrides)
     evaluate_run(args.run_dir, n=args.n, checkpoint=args.checkpoint, rows=_split(args.rows), out=args.out, overrides=overrides)
     return 0
 
@@ -217,11 +217,12 @@ def cmd_chat(args) -> int:
     return 0
 
 
-def lengths_overrides(run_dir: str, lengths: list[str]) -> list[str]:
-    """`data.N.eval_lengths=[...]` for every task block of a run's recipe that has eval lengths."""
+def lengths_overrides(run_dir: str, lengths: list[str], overrides: list[str]) -> list[str]:
+    """`data.N.eval_lengths=[...]` for every task block (of a run's recipe after `overrides`) that has eval lengths."""
     from graftkit.recipe import load_recipe
 
-    recipe = load_recipe(Path(run_dir) / "recipe.yaml") if (Path(run_dir) / "recipe.yaml").is_file() else None
+    path = Path(run_dir) / "recipe.yaml"
+    recipe = load_recipe(path, overrides, training=False) if path.is_file() else None
     if recipe is None:
         raise GraftkitError(f"{run_dir}: not a graftkit run directory (no recipe.yaml)")
     blocks = [i for i, c in enumerate(recipe.task_configs()) if "eval_lengths" in type(c).model_fields]

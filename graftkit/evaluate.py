@@ -168,16 +168,21 @@ def evaluate_run(run_dir, n: int = 200, checkpoint: str = "best", rows=None, pro
         raise GraftkitError(f"{run_dir}: not a graftkit run directory (no recipe.yaml)")
     if n <= 0:
         raise GraftkitError(f"--n: must be a positive number of examples, got {n}")
-    recipe = load_recipe(run_dir / "recipe.yaml", overrides)
+    recipe = load_recipe(run_dir / "recipe.yaml", overrides, training=False)
     rows = rows or ROWS
     check_rows(rows)
+    out = Path(out) if out else run_dir / "eval"
+    try:  # before the evaluation: its results must have somewhere to go
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise GraftkitError(f"--out {out}: cannot create the folder ({exc.strerror})") from None
     graft = build_graft(recipe, calibrate=False)  # the checkpoint holds the write statistics
     info = load_graft_tensors(graft, resolve_checkpoint(run_dir, checkpoint))
     graft.eval()  # inference behaviour, e.g. a memory's write floor
     result = evaluate(graft, recipe, n, rows, progress)
     result["checkpoint"] = {"which": checkpoint, "step": info.get("step")}
     result["overrides"] = list(overrides)
-    write_results(result, Path(out) if out else run_dir / "eval")
+    write_results(result, out)
     print(markdown_table(result))
     return result
 

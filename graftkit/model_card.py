@@ -103,7 +103,7 @@ def _demo(tasks: list[dict]) -> tuple[str, str]:
 
 
 def _describe(task: dict) -> str:
-    options = ", ".join(f"{k}={v}" for k, v in task.items() if k not in ("task", "weight", "seed") and v is not None)
+    options = ", ".join(f"{k}={v}" for k, v in task.items() if k not in ("task", "weight", "seed") and v not in (None, ""))
     return f"`{task.get('task')}` ({options})" if options else f"`{task.get('task')}`"
 
 

@@ -164,8 +164,11 @@ class Recipe(Strict):
         return list(self._tasks)
 
 
-def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
-    """Read, override and validate a recipe file; raises RecipeError listing every problem."""
+def load_recipe(path: str | Path, overrides: Iterable[str] = (), training: bool = True) -> Recipe:
+    """Read, override and validate a recipe file; raises RecipeError listing every problem.
+
+    `training=False` (evaluating or exporting a trained run) skips the checks that only concern training:
+    whether the objectives it asks for suit its injector, memory and tasks."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError([("", f"recipe file {path} does not exist")], source=str(path))
@@ -179,10 +182,10 @@ def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
         raise RecipeError([("", "not a UTF-8 text file")], source=str(path)) from None
     if not isinstance(raw, dict):
         raise RecipeError([("", "a recipe is a YAML mapping (key: value lines)")], source=str(path))
-    return validate_recipe(raw, overrides, source=str(path))
+    return validate_recipe(raw, overrides, source=str(path), training=training)
 
 
-def validate_recipe(raw: dict, overrides: Iterable[str] = (), source: str | None = None) -> Recipe:
+def validate_recipe(raw: dict, overrides: Iterable[str] = (), source: str | None = None, training: bool = True) -> Recipe:
     problems: list[tuple[str, str]] = []
     single = isinstance(raw.get("data"), dict)  # one block written as a mapping: its paths read `data.key`
     if single:
@@ -208,7 +211,7 @@ def validate_recipe(raw: dict, overrides: Iterable[str] = (), source: str | None
         configs[block] = config
     task_configs, errors = validate_tasks(raw.get("data"), recipe, single)
     problems += errors
-    if recipe is not None and configs.get("injector") is not None and not errors:
+    if training and recipe is not None and configs.get("injector") is not None and not errors:
         problems += _cross_checks(recipe, configs["injector"], task_configs)
     if single:  # the user wrote one mapping: name its keys `data.key`, as written
         problems = [(re.sub(r"^data\.0(?=\.|$)", "data", path), message) for path, message in problems]

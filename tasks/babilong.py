@@ -7,7 +7,7 @@ The data side (bAbI parsing, the sample builder, the official prompts and answer
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
@@ -31,6 +31,10 @@ class BabilongConfig(TaskConfig):
     babi_dir: str | None = Field(None, description="A bAbI v1.2 directory to use instead of the vendored subset.")
     books: list[str] | None = Field(None, description="Background text files to use instead of the vendored books.")
     corrected: bool = Field(False, description="Score with the corrected answer check (whole words: qa7's none/one).")
+    vocabulary: Literal["babi", "held_out"] = Field(
+        "babi", description="held_out: test stories are retold with people, places, objects and movement verbs bAbI "
+        "never uses, drawn per story (`graftkit.tasks.held_out`); training stories keep bAbI's words, so a graft "
+        "passes only by recalling words it was not trained on. The answer check uses each story's renamed labels.")
 
     @field_validator("tasks")
     @classmethod
@@ -114,10 +118,17 @@ class BabilongTask(Task):
             n = self.train_count(bucket) if split == "train" else self.config.eval_samples
         samples = build_babilong(task, split, length, n, seed=self.config.seed + seed_offset, tokenizer=tokenizer,
                                  books=self.config.books, babi_dir=self.config.babi_dir)
+        labels = [None] * len(samples)
+        if self.config.vocabulary == "held_out" and split == "test":
+            from graftkit.data.metric import task_labels
+            from graftkit.tasks.held_out import retell
+
+            samples, labels = zip(*(retell(s, task_labels(task), self.config.seed) for s in samples)) if samples else ((), ())
         return [
             Example(uid=s.uid, sessions=(s.context,), question=s.question, target=s.target, bucket=bucket,
-                    length=s.length, info={"task": s.task, "facts": list(s.facts), "source": s.source, "n_tokens": s.n_tokens})
-            for s in samples
+                    length=s.length, info={"task": s.task, "facts": list(s.facts), "source": s.source, "n_tokens": s.n_tokens,
+                                           **({"labels": sorted(l)} if l is not None else {})})
+            for s, l in zip(samples, labels)
         ]
 
     def prompt(self, example: Example) -> Prompt:
@@ -137,12 +148,13 @@ class BabilongTask(Task):
     def score(self, example: Example, output: str) -> bool:
         from graftkit.data.metric import compare_answers
 
-        return bool(compare_answers(example.target, output, example.question, self._bab(example), corrected=self.config.corrected))
+        return bool(compare_answers(example.target, output, example.question, self._bab(example), corrected=self.config.corrected,
+                                    labels=example.info.get("labels")))
 
     def labels(self, example: Example):
         from graftkit.data.metric import task_labels
 
-        return sorted(task_labels(self._bab(example)))
+        return example.info.get("labels") or sorted(task_labels(self._bab(example)))
 
     def full_context_prompt(self, example: Example) -> str:
         from graftkit.data.prompts import full_context_prompt

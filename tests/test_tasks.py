@@ -216,6 +216,21 @@ def test_a_mixed_recipe_trains_and_evaluates_each_task(tmp_path):
     assert set(next(r for r in lines if "eval" in r)["eval"]) == {"jsonl", "profile/2s/0k"}
 
 
+def test_a_run_trained_with_the_recall_stage_evaluates_on_an_open_answer_task(tmp_path, capsys):
+    from graftkit.train import train
+
+    raw = {**TINY, "output_dir": str(tmp_path / "run"), "data": {
+        "task": "babilong", "tasks": ["qa1"], "train_lengths": ["0k"], "eval_lengths": ["0k"], "train_samples": 6, "eval_samples": 2}}
+    train(validate_recipe({**raw, "train": {**TINY["train"], "recall_steps": 2}}), progress=False)
+    profile_block = "data=[{task: profile, sessions: [1], eval_lengths: [1k]}]"
+    assert main(["eval", str(tmp_path / "run"), profile_block, "--n", "3", "--lengths", "0k", "--rows", "graft,chance"]) == 0
+    results = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())
+    assert results["cells"] == ["profile/1s/0k"] and results["table"]["chance"]["profile/1s/0k"] is None
+    capsys.readouterr()
+    assert main(["train", str(tmp_path / "run" / "recipe.yaml"), profile_block, f"output_dir={tmp_path / 'again'}"]) == 2
+    assert "train.recall_steps: needs tasks with answers from a closed set" in capsys.readouterr().err
+
+
 # -- a third-party task ------------------------------------------------------------------------------------------------
 def _installed(dist: str) -> bool:
     try:
@@ -301,3 +316,31 @@ def test_ask_refuses_an_empty_question_and_no_new_tokens(graft):
         ask(graft, "  ", reset(graft))
     with pytest.raises(GraftkitError, match="max_new_tokens: must be at least 1"):
         ask(graft, "Where?", reset(graft), max_new_tokens=0)
+
+
+# -- BABILong in held-out words ---------------------------------------------------------------------------------------
+def test_held_out_babilong_retells_test_stories_in_words_bAbI_never_uses():
+    import re
+
+    from graftkit.backbones.sources import byte_tokenizer
+    from graftkit.tasks.babilong import BabilongConfig, BabilongTask
+    from graftkit.tasks.held_out import MOVE, OBJECTS, PEOPLE, PLACES
+
+    tok = byte_tokenizer()
+    standard = BabilongTask(BabilongConfig(tasks=["qa1", "qa2"], eval_lengths=["1k"]))
+    held = BabilongTask(BabilongConfig(tasks=["qa1", "qa2"], eval_lengths=["1k"], vocabulary="held_out"))
+    babi = re.compile(r"\b(" + "|".join(PEOPLE + PLACES + OBJECTS) + r")\b")
+    for bucket in ("qa1/1k", "qa2/1k"):
+        before, after = (load_examples(t, "test", bucket, 20, tok) for t in (standard, held))
+        for old, new in zip(before, after):
+            assert new.uid != old.uid and new.context != old.context
+            for text in (*new.info["facts"], new.question, new.target):
+                assert not babi.search(text) and not MOVE.search(text), text
+            assert len(new.info["labels"]) == 6 and new.target in new.info["labels"]
+            assert not babi.search(" ".join(new.info["labels"]))
+            for fact in new.info["facts"]:
+                assert fact in new.context  # the retold facts, in the book text that was there
+            assert held.score(new, new.target) and not held.score(new, old.target)
+            assert held.labels(new) == new.info["labels"]
+    # training stories keep bAbI's words
+    assert [e.uid for e in load_examples(held, "train", "qa1/0k", 5, tok)] == [e.uid for e in load_examples(standard, "train", "qa1/0k", 5, tok)]

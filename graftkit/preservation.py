@@ -65,13 +65,40 @@ def general_prompts() -> list[str]:
     return [p for group in itertools.zip_longest(*kinds) for p in group if p is not None]
 
 
-def _openings(n: int) -> list[str]:
-    """The first eight words of `n` sentences of the vendored training books, evenly spaced."""
+def _openings(n: int, shift: int = 0) -> list[str]:
+    """The first eight words of `n` sentences of the vendored training books, evenly spaced (`shift` sentences on)."""
     from graftkit.data.books import load_books
 
     sentences = [s for book in load_books("train") for s in book.sentences if len(s.split()) >= 12]
     step = max(1, len(sentences) // n)
-    return [" ".join(s.split()[:8]) for s in sentences[::step][:n]]
+    return [" ".join(s.split()[:8]) for s in sentences[shift::step][:n]]
+
+
+_TRAIN_QUESTIONS = [
+    "What is the opposite of day?", "How many wheels does a bicycle have?", "What do cows drink?", "Name a primary colour.",
+    "What season comes after spring?", "What is frozen water called?", "How many months are in a year?",
+    "What is the capital of Scotland?", "Which animal barks?", "What shape has four equal sides?", "What do we breathe?",
+    "Name a fruit that is yellow.", "How many seconds are in a minute?", "What instrument has black and white keys?",
+    "What is the plural of mouse?", "Which planet do we live on?", "What do you call a baby cat?",
+    "What is the largest ocean on Earth?", "How many players are in a football team?", "What tool do you use to cut paper?",
+]
+_TRAIN_TOPICS = ["rivers", "a quiet village", "snow", "breakfast", "old maps", "lighthouses", "tea", "the desert", "a market",
+                 "summer evenings", "forests", "a letter from a friend"]
+
+
+def training_prompts() -> list[str]:
+    """General prompts for training a graft to leave the backbone alone (`train.preserve_weight`); none of them
+    is one of `general_prompts()`, which the preservation row scores."""
+    rng = np.random.default_rng(7)
+    arithmetic = []
+    for i in range(60):
+        a, b = (int(x) for x in rng.integers(2, 99, size=2))
+        arithmetic.append([f"Add {a} and {b}.", f"Multiply {a} by {b}.", f"Subtract {min(a, b)} from {max(a, b)}."][i % 3])
+    topics = [t.format(x) for x in _TRAIN_TOPICS for t in ("Describe {} in one sentence.", "Write a short poem about {}.")]
+    continuations = [f"Continue this text: {line}" for line in _openings(48, shift=7)]
+    held = set(general_prompts())
+    kinds = [arithmetic, _TRAIN_QUESTIONS, topics, continuations]
+    return [p for group in itertools.zip_longest(*kinds) for p in group if p is not None and p not in held]
 
 
 def unrelated_text(words: int = 450) -> str:

@@ -123,6 +123,14 @@ class TrainConfig(Strict):
         "contexts know where they put them; inference needs no such labels), so the memory learns to leave book text out with no cost on "
         "writing facts. Needs a memory with per-token write strengths. 0 = off.",
     )
+    preserve_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of a loss that keeps the grafted model the backbone where its memory is not asked for: "
+        "general prompts (disjoint from those `graftkit eval`'s preservation row scores), each followed by the bare "
+        "backbone's greedy answer, are read with the batch's memory states, and the grafted model's next-token "
+        "distributions over the answer are pulled to the bare backbone's (KL). 0 = off.",
+    )
     freeze: list[str] = Field(
         default_factory=list,
         description="Graft tensors held fixed during training, by name or dotted prefix (memory, injector.to_query): "

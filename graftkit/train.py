@@ -66,7 +66,7 @@ class TwoTurn(nn.Module):
         state = self.graft.write_hidden(hidden, hidden_mask)
         out = self.graft(input_ids, state, attention_mask=attention_mask, labels=labels, prefix_ids=prefix_ids)
         out.terms = {}
-        batch = {"attention_mask": attention_mask, "labels": labels, **inputs}
+        batch = {"attention_mask": attention_mask, "labels": labels, "state": state, **inputs}
         for objective in self.objectives:
             term, logged = objective(self.graft, hidden, hidden_mask, batch)
             out.loss = out.loss + objective.weight * term

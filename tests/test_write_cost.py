@@ -148,3 +148,36 @@ def test_the_background_cost_weighs_only_book_text(tmp_path):
         torch.testing.assert_close(out.terms["background_mass"], by_hand)
         assert 0 < by_hand < write_mass(graft, hidden, mask)  # the facts' writes are left out
         torch.testing.assert_close(out.loss, plain(hidden, mask, **batch).loss + 0.5 * by_hand)
+
+
+def test_the_preserve_loss_is_zero_while_the_graft_is_the_backbone_and_trains_it_back_there(tmp_path):
+    from graftkit.objectives.preserve import PreserveLoss
+    from graftkit.preservation import general_prompts, training_prompts
+    from graftkit.tasks.babilong import babilong_examples
+
+    assert training_prompts() and not set(training_prompts()) & set(general_prompts())
+    graft = built_graft(tmp_path, {"kind": "mid_layer", "layer": 1, "direct_read": True})
+    samples = babilong_examples("qa1", "train", "0k", 3, seed=0, tokenizer=graft.backbone.tokenizer)
+    hidden, mask = HiddenCache(graft, None).get(samples)
+    batch = turn2_batch(graft.backbone, samples, with_answers=True)
+    objective = PreserveLoss(0.5)
+    extra = objective.inputs(graft, TASK, samples, hidden)
+    assert extra["preserve_ids"].shape[0] == 3 and extra["preserve_answer"].any()
+    assert torch.equal(objective.inputs(graft, TASK, samples, hidden)["preserve_ids"], extra["preserve_ids"])  # fixed by the batch
+    model = TwoTurn(graft, [objective])
+    closed = model(hidden, mask, **batch, **extra)
+    assert closed.terms["preserve_kl"].abs() < 1e-5  # a closed gate: the grafted model is the backbone
+    with torch.no_grad():
+        for name, p in graft.injector.named_parameters():
+            if "gate" in name:
+                p.fill_(2.0)
+    opened = model(hidden, mask, **batch, **extra)
+    kl = opened.terms["preserve_kl"]
+    assert kl > 1e-3
+    torch.testing.assert_close(opened.loss, TwoTurn(graft)(hidden, mask, **batch).loss + 0.5 * kl)
+    optimizer = torch.optim.SGD(graft.trainable_parameters(), lr=0.5)
+    for _ in range(5):
+        optimizer.zero_grad()
+        model(hidden, mask, **batch, **extra).terms["preserve_kl"].backward()
+        optimizer.step()
+    assert model(hidden, mask, **batch, **extra).terms["preserve_kl"] < kl

@@ -49,4 +49,8 @@ def build_objectives(cfg, recall_head=None) -> list[Objective]:
         out.append(WriteCost(cfg.write_cost))
     if cfg.background_cost:
         out.append(BackgroundCost(cfg.background_cost))
+    if cfg.preserve_weight:
+        from graftkit.objectives.preserve import PreserveLoss
+
+        out.append(PreserveLoss(cfg.preserve_weight, cfg.seed))
     return out

@@ -361,7 +361,7 @@ def pydantic_problems(exc: ValidationError, model: type[BaseModel], prefix: str 
     for err in exc.errors():
         loc = [str(p) for p in err["loc"]]
         path = ".".join(([prefix] if prefix else []) + loc)
-        message = err["msg"]
+        message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             fields = _fields_at(model, loc[:-1])
             hint = difflib.get_close_matches(loc[-1], fields, n=1)

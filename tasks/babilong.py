@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
-from graftkit.data.tasks import DataError, check_split, check_task, length_label, parse_length
+from graftkit.data.tasks import DataError, check_split, check_task, each_valid, length_label, parse_length
 from graftkit.task import Example, Prompt, Task, TaskConfig
 
 
@@ -39,22 +39,12 @@ class BabilongConfig(TaskConfig):
     @field_validator("tasks")
     @classmethod
     def _tasks(cls, value: list[str]) -> list[str]:
-        for task in value:
-            try:
-                check_task(task)
-            except DataError as exc:
-                raise PydanticCustomError("task", str(exc)) from None
-        return value
+        return each_valid(value, check_task)
 
     @field_validator("train_lengths", "eval_lengths")
     @classmethod
     def _lengths(cls, value: list[str]) -> list[str]:
-        for length in value:
-            try:
-                parse_length(length)
-            except DataError as exc:
-                raise PydanticCustomError("length", str(exc)) from None
-        return value
+        return each_valid(value, parse_length)
 
     @field_validator("train_samples", mode="before")
     @classmethod

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -51,17 +51,19 @@ class Line(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    sessions: str | list[str]
+    sessions: list[str]
     question: str | None = Field(None, min_length=1)
     answer: str | None = Field(None, min_length=1)
     questions: list[QA] | None = None
     instruction: str | None = None
     choices: list[str] | None = Field(None, min_length=2)
 
-    @field_validator("sessions")
+    @field_validator("sessions", mode="before")
     @classmethod
-    def _sessions(cls, value: str | list[str]) -> list[str]:
+    def _sessions(cls, value: Any) -> list[str]:
         value = [value] if isinstance(value, str) else value
+        if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+            raise ValueError("expected a text or a list of texts")
         if not value or not all(s.strip() for s in value):
             raise ValueError("needs at least one non-empty text")
         return value
@@ -106,7 +108,7 @@ def read_episodes(path: str | Path) -> list[Line]:
         except ValidationError as exc:
             for err in exc.errors():
                 where = ".".join(str(p) for p in err["loc"]) or "line"
-                message = "field required" if err["type"] == "missing" else err["msg"]
+                message = "field required" if err["type"] == "missing" else err["msg"].removeprefix("Value error, ")
                 problems.append(f"{path.name}:{number}: {where}: {message}")
     if problems:
         listed = problems[:MAX_LISTED] + ([f"... and {len(problems) - MAX_LISTED} more"] if len(problems) > MAX_LISTED else [])

@@ -139,14 +139,9 @@ class ProfileConfig(TaskConfig):
     @field_validator("train_lengths", "eval_lengths")
     @classmethod
     def _lengths(cls, value: list[str]) -> list[str]:
-        from graftkit.data.tasks import DataError, parse_length
+        from graftkit.data.tasks import each_valid, parse_length
 
-        for length in value:
-            try:
-                parse_length(length)
-            except DataError as exc:
-                raise ValueError(str(exc)) from None
-        return value
+        return each_valid(value, parse_length)
 
     @field_validator("sessions")
     @classmethod

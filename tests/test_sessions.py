@@ -7,8 +7,6 @@ on the memory), exported with `export_graft`: no training run needed here (tests
 
 from __future__ import annotations
 
-from graftkit.tasks.babilong import BabilongConfig, BabilongTask
-
 import io
 import json
 import os
@@ -24,6 +22,7 @@ from graftkit.cli import main
 from graftkit.errors import StateError
 from graftkit.export import export_graft
 from graftkit.sessions import ask, chat_turn, fork, load_state, memorize, reset, save_state
+from graftkit.tasks.babilong import BabilongConfig, BabilongTask
 
 STORY = "Mary went to the kitchen. John moved to the garden."
 QUESTION = "Where is Mary?"

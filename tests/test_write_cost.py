@@ -8,17 +8,17 @@ import json
 import pytest
 import torch
 
+from test_train import RECIPE, built_graft, recipe
+
 from graftkit.errors import RecipeError
 from graftkit.memories.linear import LinearMemory
 from graftkit.memories.titans import TitansMemory
+from graftkit.objectives.write import BackgroundCost, WriteCost, background_tokens, write_mass
 from graftkit.protocol import HiddenCache, turn2_batch
 from graftkit.recipe import validate_recipe
 from graftkit.state import WRITTEN
-from graftkit.objectives.write import BackgroundCost, WriteCost, background_tokens, write_mass
-from graftkit.train import TwoTurn, train
-from test_train import RECIPE, built_graft, recipe
-
 from graftkit.tasks.babilong import BabilongConfig, BabilongTask
+from graftkit.train import TwoTurn, train
 
 TASK = BabilongTask(BabilongConfig(task="babilong"))
 

@@ -154,6 +154,16 @@ def check_split(split: str) -> str:
     return split
 
 
+def each_valid(values: list, check) -> list:
+    """`values` if `check` accepts each of them; else the first refusal as a ValueError (for config validators)."""
+    for value in values:
+        try:
+            check(value)
+        except DataError as exc:
+            raise ValueError(str(exc)) from None
+    return values
+
+
 def vendor_dir() -> Path:
     """The folder of the vendored data inside the installed package."""
     return Path(__file__).resolve().parent / "vendor"

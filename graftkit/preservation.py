@@ -101,14 +101,10 @@ def training_prompts() -> list[str]:
     return [p for group in itertools.zip_longest(*kinds) for p in group if p is not None and p not in held]
 
 
-def unrelated_text(words: int = 450) -> str:
-    """The text written into memory: a passage of a vendored training book."""
-    from graftkit.data.books import load_books
-
-    book = load_books("train")[-1]
-    start = len(book.sentences) // 3
+def _passage(sentences, start: int, words: int) -> str:
+    """Sentences from `start` on until they hold at least `words` words."""
     out, count = [], 0
-    for sentence in book.sentences[start:]:
+    for sentence in sentences[start:]:
         out.append(sentence)
         count += len(sentence.split())
         if count >= words:
@@ -116,21 +112,20 @@ def unrelated_text(words: int = 450) -> str:
     return " ".join(out)
 
 
+def unrelated_text(words: int = 450) -> str:
+    """The text written into memory: a passage of a vendored training book."""
+    from graftkit.data.books import load_books
+
+    book = load_books("train")[-1]
+    return _passage(book.sentences, len(book.sentences) // 3, words)
+
+
 def held_out_passages(n: int = 8, words: int = 90) -> list[str]:
     """Passages of the vendored test book, spread over it, for the next-token loss."""
     from graftkit.data.books import load_books
 
     book = load_books("test")[0]
-    passages = []
-    for k in range(n):
-        out, count = [], 0
-        for sentence in book.sentences[(k + 1) * len(book.sentences) // (n + 2) :]:
-            out.append(sentence)
-            count += len(sentence.split())
-            if count >= words:
-                break
-        passages.append(" ".join(out))
-    return passages
+    return [_passage(book.sentences, (k + 1) * len(book.sentences) // (n + 2), words) for k in range(n)]
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ A graft trained on bAbI's vocabulary passes this only by storing and recalling w
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import replace
 
@@ -33,6 +34,7 @@ HELD_OUT_MOVES = ("walked to", "ran to", "headed to", "hurried to", "strolled to
                   "drove to", "cycled to", "returned to", "dashed to", "crept to")
 
 
+@functools.lru_cache(maxsize=1)
 def _names() -> tuple[str, ...]:
     from graftkit.tasks.profile import vocabulary
 

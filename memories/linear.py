@@ -173,7 +173,7 @@ class LinearMemory(Memory):
 
         In eval mode, strengths below `write_floor` are 0. Training writes every strength: trained with
         the floor in place, the gate wrote book text about five times as strongly and the floor thinned
-        16k contexts far less (BENCHMARKS.md, fifteenth session)."""
+        16k contexts far less (docs/experiment-log.md)."""
         logits = self.to_beta(x)
         if self.beta_ahead is not None:  # token t + j adds its own term, shifted back by j
             ahead = rearrange(self.beta_ahead(x), "b n (j h) -> b n j h", h=self.config.heads)

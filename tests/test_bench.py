@@ -1,4 +1,4 @@
-"""The diagnostics in bench/ whose numbers BENCHMARKS.md reads: what they count."""
+"""The diagnostics in bench/ whose numbers docs/experiment-log.md reads: what they count."""
 
 from __future__ import annotations
 

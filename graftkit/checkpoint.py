@@ -67,8 +67,10 @@ def save_graft_tensors(graft, path) -> None:
 
 
 def mark_best(root: Path, checkpoint: Path, accuracy: float) -> None:
-    best = root / "best"
-    tmp = root / ".best.tmp"
+    """Copy checkpoint's graft tensors to a new `best-STEP/` folder, then point `best.json` at it, then remove
+    the previous one: a crash at any moment leaves `best.json` naming a complete folder."""
+    step = json.loads((checkpoint / "trainer.json").read_text())["step"]
+    final, tmp = root / f"best-{step:06d}", root / f".best-{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     shutil.copy2(checkpoint / "graft.safetensors", tmp / "graft.safetensors")
@@ -76,9 +78,21 @@ def mark_best(root: Path, checkpoint: Path, accuracy: float) -> None:
         if kept.name not in FILES:
             shutil.copy2(kept, tmp / kept.name)
     (tmp / "trainer.json").write_text((checkpoint / "trainer.json").read_text())
-    shutil.rmtree(best, ignore_errors=True)
-    os.replace(tmp, best)
-    _point(root / "best.json", best, accuracy=accuracy, step=json.loads((checkpoint / "trainer.json").read_text())["step"])
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _point(root / "best.json", final, accuracy=accuracy, step=step)
+    for old in [*root.glob("best-*"), root / "best"]:
+        if old != final and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def best_marked(root: Path) -> int | None:
+    """The step `best.json` names, when the folder it names is there; None otherwise."""
+    try:
+        pointer = json.loads((root / "best.json").read_text())
+        return int(pointer["step"]) if (root / pointer["path"] / "graft.safetensors").is_file() else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def resolve_checkpoint(run_dir: Path, which: str = "best") -> Path:

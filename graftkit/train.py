@@ -25,6 +25,7 @@ from torch import nn
 
 from graftkit.api import build_graft, load_backbone
 from graftkit.checkpoint import (
+    best_marked,
     initial_tensors_file,
     load_checkpoint,
     load_initial_tensors,
@@ -179,6 +180,8 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
     if resume:
         info = load_checkpoint(resolve_checkpoint(run_dir, "last"), graft, optimizer, scheduler, kept)
         start, best = info["step"], info.get("best", best)
+        if best["step"] == start and best_marked(ckpt_root) != start:  # stopped between the checkpoint and its best copy
+            mark_best(ckpt_root, resolve_checkpoint(run_dir, "last"), best["accuracy"])
         print(f"resuming {run_dir} from step {start}")
         metrics = Metrics(run_dir / "metrics.jsonl", resume_from=start)
     keys, weights = sorted(train_buckets), [c.weight for c in recipe.task_configs()]
@@ -196,7 +199,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
             bucket = train_buckets[key]
             samples = [bucket[i] for i in rng.choice(len(bucket), size=min(cfg.batch_size, len(bucket)), replace=False)]
             hidden, hidden_mask = cache.get(samples)
-            batch = turn2_batch(graft.backbone, samples, with_answers=True)
+            batch = turn2_batch(graft.backbone, samples, with_answers=True, leading_space=cfg.answer_space)
             for objective in objectives:
                 batch.update(objective.inputs(graft, tasks[key[0]], samples, hidden))
             with accelerator.autocast():

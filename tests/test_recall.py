@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from graftkit.checkpoint import resolve_checkpoint
 from graftkit.errors import RecipeError
 from graftkit.protocol import HiddenCache, turn2_batch
 from graftkit.recall import RecallHead, answer_logprobs, question_reads
@@ -226,7 +227,7 @@ def test_resuming_with_a_recall_head_that_does_not_fit_names_the_file(tmp_path):
 def test_init_from_carries_the_recall_head_it_was_trained_with(tmp_path, capsys):
     settings = dict(steps=2, eval_every=1, recall_steps=1, recall_weight=0.5, recall_query="last_word")
     first = train(recipe(tmp_path, "first", **settings), progress=False).run_dir
-    best = first / "checkpoints" / "best"
+    best = resolve_checkpoint(first, "best")
     assert sorted(p.name for p in best.iterdir()) == ["graft.safetensors", "recall_head.safetensors", "trainer.json"]
     step = json.loads((first / "checkpoints" / "best.json").read_text())["step"]
     saved = load_file(str(first / "checkpoints" / f"step-{step:06d}" / "recall_head.safetensors"))

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from graftkit.checkpoint import resolve_checkpoint
 from graftkit.cli import main
 from graftkit.errors import GraftkitError
 from graftkit.protocol import HiddenCache, turn2_batch
@@ -99,6 +100,29 @@ def test_resume_after_a_crash_gives_the_same_run(tmp_path, monkeypatch):
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
     steps = [json.loads(line)["step"] for line in (crashed / "metrics.jsonl").read_text().splitlines() if "loss" in line]
     assert steps == [1, 2, 3, 4]  # no step logged twice
+
+
+def test_a_crash_while_the_best_checkpoint_is_copied_loses_nothing(tmp_path, monkeypatch):
+    """Killed after a step's checkpoint records a new best but before its copy is in place: `best.json` still
+    names a complete folder, and `--resume` copies the recorded best in before going on."""
+    import graftkit.train as module
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    run = recipe(tmp_path, "killed", steps=2, eval_every=1)
+    monkeypatch.setattr(module, "mark_best", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(run, progress=False)  # dies in step 1's best copy
+    monkeypatch.undo()
+    root = tmp_path / "killed" / "checkpoints"
+    assert not (root / "best.json").exists() and json.loads((root / "latest.json").read_text())["path"] == "step-000001"
+    train(run, resume=True, progress=False)
+    best = resolve_checkpoint(tmp_path / "killed", "best")
+    assert best.name.startswith("best-") and (best / "graft.safetensors").is_file()
+    assert [p.name for p in root.glob("best*") if p.is_dir()] == [best.name]  # the previous copies are gone
+    recorded = json.loads((root / "step-000002" / "trainer.json").read_text())["best"]["step"]
+    assert json.loads((best / "trainer.json").read_text())["step"] == recorded
 
 
 def test_cli_train_and_eval(tmp_path, capsys):

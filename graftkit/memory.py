@@ -136,6 +136,26 @@ VALUE_SPAN_HELP = (
 )
 
 
+VALUE_OFFSET_HELP = (
+    "Values are computed from the written input value_offset tokens ahead (of the same write call) instead "
+    "of the token itself: with 1, the value stored under a token's key is the token that follows it, so a "
+    "query that matches the words before a name, number or place reads that word back, one token at a "
+    "time, whether or not it was seen in training. 0 = each token's own value. The last value_offset "
+    "tokens of a write call store nothing: splitting a write loses the value after the split."
+)
+
+
+def look_ahead(x: torch.Tensor, mask: torch.Tensor | None, offset: int) -> torch.Tensor:
+    """Each written input replaced by the written input `offset` positions after it in the same call (b n d);
+    zeros past the last one. A masked position's result is arbitrary."""
+    order = None
+    if mask is not None:  # written inputs first, in order, then the masked ones (zeroed)
+        x, order = written_first(x, mask)
+        x = x * mask.gather(1, order).to(x.dtype)[..., None]
+    shifted = F.pad(x[:, offset:], (0, 0, 0, min(offset, x.shape[1])))
+    return shifted if order is None else in_place_of(shifted, order)
+
+
 class KeyMix(nn.Module):
     """Depthwise causal convolution over written inputs (b n d) for computing keys, across write calls.
 

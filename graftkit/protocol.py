@@ -36,20 +36,23 @@ def question_parts(backbone, sample) -> tuple[list[int], list[int]]:
     return backbone.chat_parts(head, tail)
 
 
-def answer_ids(backbone, sample) -> list[int]:
-    """The training target after the question: the answer word, then end of turn."""
-    return backbone.text_ids(sample.target) + [backbone.tokenizer.eos_token_id]
+def answer_ids(backbone, sample, leading_space: bool = False) -> list[int]:
+    """The training target after the question: the answer, then end of turn. With `leading_space`, the
+    answer as it reads inside a sentence (after a space), so its tokens are those a memory read it from."""
+    text = " " + sample.target.strip() if leading_space else sample.target
+    return backbone.text_ids(text) + [backbone.tokenizer.eos_token_id]
 
 
-def turn2_batch(backbone, samples: Sequence, with_answers: bool) -> dict:
-    """Left-padded turn-2 ids, mask, the shared prefix and (with answers) labels scoring only the answer."""
+def turn2_batch(backbone, samples: Sequence, with_answers: bool, leading_space: bool = False) -> dict:
+    """Left-padded turn-2 ids, mask, the shared prefix and (with answers) labels scoring only the answer
+    (see `answer_ids` for `leading_space`)."""
     rows, labels, prefix = [], [], None
     for sample in samples:
         head, q = question_parts(backbone, sample)
         if prefix is not None and head != prefix:
             raise GraftkitError("turn2_batch: samples of one batch must share their instruction (one task per batch)")
         prefix = head
-        a = answer_ids(backbone, sample) if with_answers else []
+        a = answer_ids(backbone, sample, leading_space) if with_answers else []
         rows.append(q + a)
         labels.append([-100] * len(q) + a)
     ids, mask = pad(rows, backbone.tokenizer.pad_token_id, side="left", device=backbone.device)

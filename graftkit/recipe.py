@@ -131,6 +131,11 @@ class TrainConfig(Strict):
         "backbone's greedy answer, are read with the batch's memory states, and the grafted model's next-token "
         "distributions over the answer are pulled to the bare backbone's (KL). 0 = off.",
     )
+    answer_space: bool = Field(
+        False,
+        description="Train each answer as it reads inside a sentence, after a space, so its tokens are the ones the "
+        "sessions hold (a value copied from memory is spelled as it was written); answers are compared stripped.",
+    )
     freeze: list[str] = Field(
         default_factory=list,
         description="Graft tensors held fixed during training, by name or dotted prefix (memory, injector.to_query): "

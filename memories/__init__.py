@@ -6,8 +6,9 @@ from graftkit.hookspecs import hookimpl
 @hookimpl
 def register_memories(register):
     from graftkit.memories.attention_slots import AttentionSlotsMemory
+    from graftkit.memories.episodic import EpisodicMemory
     from graftkit.memories.linear import LinearMemory
     from graftkit.memories.titans import TitansMemory
 
-    for cls in (TitansMemory, LinearMemory, AttentionSlotsMemory):
+    for cls in (TitansMemory, LinearMemory, AttentionSlotsMemory, EpisodicMemory):
         register(cls)

@@ -39,7 +39,7 @@ from einops import rearrange, repeat
 from pydantic import Field
 from torch import nn
 
-from graftkit.memory import KEY_SPAN_HELP, VALUE_SPAN_HELP, KeyMix, Memory, MemoryConfig, ValueMix
+from graftkit.memory import KEY_SPAN_HELP, VALUE_OFFSET_HELP, VALUE_SPAN_HELP, KeyMix, Memory, MemoryConfig, ValueMix, look_ahead
 from graftkit.state import MemoryState
 
 # Biases at init: β = σ(0) = 0.5; decay σ(−6) ≈ 0.0025 per token (about 8% of a memory survives 1k
@@ -66,6 +66,7 @@ class LinearMemory(Memory):
         )
         key_span: int = Field(1, ge=1, le=16, description=KEY_SPAN_HELP)
         value_span: int = Field(1, ge=1, le=16, description=VALUE_SPAN_HELP)
+        value_offset: int = Field(0, ge=0, le=16, description=VALUE_OFFSET_HELP)
         gate_span: int = Field(
             1,
             ge=1,
@@ -124,6 +125,8 @@ class LinearMemory(Memory):
         if self.key_mix is not None:
             key_x, carried["key_tail"] = self.key_mix(x, state["key_tail"], mask)
         value_x = x if self.value_mix is None else self.value_mix(x, mask)
+        if cfg.value_offset:
+            value_x = look_ahead(value_x, mask, cfg.value_offset)
         x, key_x, value_x = (F.pad(t, (0, 0, 0, pad)) for t in (x, key_x, value_x))
 
         keys = F.normalize(rearrange(self.to_keys(key_x), "b n (h e) -> b n h e", h=heads), dim=-1)
@@ -133,6 +136,9 @@ class LinearMemory(Memory):
         keep[:, keep.shape[1] - pad :] = 0.0
         if mask is not None:
             keep[:, : mask.shape[1]] = mask.to(x.dtype)
+        if cfg.value_offset:  # the last value_offset written tokens have no value to store
+            written = keep.cumsum(1)
+            keep = keep * (written <= written[:, -1:] - cfg.value_offset)
         keep = rearrange(keep, "b (k c) -> k b c", c=size)
         beta = rearrange(self.write_strengths(x), "b (k c) h -> k (b h) c", c=size) * repeat(
             keep, "k b c -> k (b h) c", h=heads

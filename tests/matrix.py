@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-ALL_MEMORIES = ["titans", "linear", "attention_slots"]
+ALL_MEMORIES = ["titans", "linear", "attention_slots", "episodic"]
 # Adding an injector here buys it the gradient, identity, detach, cached-generation and recall tests of
 # `test_injectors.py` on every memory and every backbone family (tiny random models).
 ALL_INJECTORS = ["layer0_soft_prompt", "mid_layer", "multi_layer_xattn"]
@@ -20,6 +20,7 @@ SMALL_MEMORY: dict[str, dict] = {
     "titans": dict(heads=2, dim_head=16, depth=2, expansion=2, chunk_size=8),
     "linear": dict(heads=2, dim_head=16, chunk_size=8),
     "attention_slots": dict(heads=2, dim_head=16, slots=16, chunk_size=8),
+    "episodic": dict(heads=2, dim_head=16, slots=32),
 }
 
 

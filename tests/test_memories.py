@@ -194,7 +194,7 @@ def test_state_of_another_kind_or_config_is_refused(name, tmp_path):
         MemoryState.load(path, expect=memory.identity)
     with pytest.raises(StateError):
         memory.write(torch.randn(1, 3, DIM), MemoryState.load(path))
-    other_config = make_memory(name, DIM, chunk_size=4)
+    other_config = make_memory(name, DIM, heads=1)
     path = other_config.init_state(1).save(tmp_path / "other_config.safetensors")
     with pytest.raises(StateError, match="memory config"):
         MemoryState.load(path, expect=memory.identity)
@@ -469,6 +469,64 @@ def test_value_span_weights_get_gradients(name):
     memory.read(torch.randn(2, 3, DIM), state).square().sum().backward()
     grad = memory.value_mix.weight.grad
     assert grad is not None and grad[1:].abs().sum() > 0  # the look-ahead rows learn, not only the current token's row
+
+
+# -- values of the next token (value_offset) ----------------------------------------------------------------
+def test_value_offset_stores_the_next_token_under_a_tokens_key():
+    """With queries projected like keys, reading at token t's input returns what token t + 1 would store."""
+    memory = make_memory("linear", DIM, value_offset=1)
+    with torch.no_grad():
+        memory.to_queries.weight.copy_(memory.to_keys.weight)
+        memory.to_beta.bias.fill_(10.0)  # write every token fully
+        x = torch.randn(3, 6, DIM)
+        read = memory.read(x[:, :5], memory.write(x, memory.init_state(3)))
+        nxt, own = memory.recall_target(x[:, 1:]), memory.recall_target(x[:, :5])
+    to_next, to_own = (((read - want).square().sum() / want.square().sum()).item() for want in (nxt, own))
+    assert to_next < 0.5 * to_own, (to_next, to_own)
+
+
+def test_value_offset_leaves_the_last_tokens_unwritten():
+    """A write call's last token has no next token: it stores nothing, so a one-token write leaves the memory empty."""
+    memory = make_memory("linear", DIM, value_offset=1)
+    with torch.no_grad():
+        state = memory.write(torch.randn(2, 1, DIM), memory.init_state(2))
+        assert state["w"].abs().max() == 0
+        two = memory.write(torch.randn(2, 2, DIM), memory.init_state(2))
+        assert two["w"].abs().max() > 0
+
+
+def test_value_offset_skips_masked_positions():
+    memory = make_memory("linear", DIM, value_offset=1)
+    with torch.no_grad():
+        x = torch.randn(1, 7, DIM)
+        mask = torch.tensor([[True, False, True, True, False, True, False]])
+        masked = memory.write(x, memory.init_state(1), mask)
+        alone = memory.write(x[:, mask[0]], memory.init_state(1))
+    torch.testing.assert_close(masked["w"], alone["w"], atol=1e-5, rtol=0)
+
+
+# -- the episodic memory's slots -----------------------------------------------------------------------------
+def test_episodic_keeps_the_strongest_tokens_and_the_later_of_equals():
+    memory = make_memory("episodic", DIM, slots=4)
+    with torch.no_grad():
+        memory.to_beta.weight.zero_()
+        memory.to_beta.weight[0, 0] = 1.0  # strength rises with channel 0 of the input
+        x = torch.randn(1, 10, DIM)
+        x[0, :, 0] = torch.tensor([0.0, 5.0, 0.0, 0.0, 5.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+        state = memory.write(x[:, :6], memory.init_state(1))
+        state = memory.write(x[:, 6:], state)
+    assert sorted(state["order"][0].tolist()) == [1.0, 4.0, 8.0, 9.0]  # the two strong ones, then the latest
+
+
+def test_episodic_reads_nothing_from_an_empty_memory_and_one_value_exactly():
+    memory = make_memory("episodic", DIM)
+    with torch.no_grad():
+        memory.to_queries.weight.copy_(memory.to_keys.weight)
+        memory.log_temperature.fill_(6.0)  # a sharp read
+        x = torch.randn(1, 5, DIM)
+        assert memory.read(x, memory.init_state(1)).abs().max() == 0
+        read = memory.read(x, memory.write(x, memory.init_state(1)))
+    torch.testing.assert_close(read, memory.recall_target(x), atol=1e-3, rtol=1e-3)
 
 
 # -- the surprise bound (titans max_surprise) -----------------------------------------------------------------

@@ -28,8 +28,8 @@ from graftkit.registry import KINDS
 
 BUILTIN_COMPONENTS = {
     "backbone": {"qwen2", "llama", "mistral"},
-    "memory": {"titans", "linear", "attention_slots"},
-    "injector": {"layer0_soft_prompt", "mid_layer", "multi_layer_xattn"},
+    "memory": {"titans", "linear", "attention_slots", "episodic"},
+    "injector": {"layer0_soft_prompt", "mid_layer", "multi_layer_xattn", "copy"},
     "task": {"babilong", "jsonl", "profile"},
 }
 BUILTIN_PLUGINS = {"backbone": "graftkit.backbones", "memory": "graftkit.memories", "injector": "graftkit.injectors",
@@ -314,7 +314,7 @@ def test_unknown_name_suggests_closest_and_lists_installed(isolated):
         plugins.registries["memory"].get("titan")
     message = str(info.value)
     assert "unknown memory 'titan'; did you mean 'titans'?" in message
-    assert "installed: attention_slots, linear, titans" in message
+    assert "installed: attention_slots, episodic, linear, titans" in message
     with pytest.raises(UnknownComponentError) as info:
         plugins.registries["injector"].get("zzz")
     assert "did you mean" not in str(info.value)  # nothing close: no suggestion, still the listing

@@ -115,6 +115,8 @@ def test_training_loss_scores_only_the_answer(graft):
     answer = graft.backbone.text_ids(items[0].target) + [graft.backbone.tokenizer.eos_token_id]
     scored = batch["labels"][0][batch["labels"][0] != -100].tolist()
     assert scored == answer
+    spaced = turn2_batch(graft.backbone, items, with_answers=True, leading_space=True)["labels"][0]
+    assert spaced[spaced != -100].tolist() == graft.backbone.text_ids(" " + items[0].target) + answer[-1:]
     state = graft.init_state(2)
     out = graft(state=state, **batch)
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)

@@ -1,0 +1,180 @@
+"""Copy from memory: a position's next-token logits are raised for the token its memory read holds.
+
+A forward hook on decoder layer `layer` queries the memory at every position (a projection of its
+RMS-normed hidden state) and mixes the reads of the positions up to it (`ReadPool`), so an answer
+position can use what a question word recalled. A hook on the LM head then adds to each position's logits
+
+    gate · boost · s,    s_y = (r · G⁻¹ e_y) / (e_y · G⁻¹ e_y),    G = Eᵀ E,
+
+where r is the mixed read and E the backbone's input embeddings (rows e_y). For a read that is the
+embedding of token x, s_x = 1 and s_y is close to 0 for every other token (r's least-squares code over
+the vocabulary): the raise names the very token the memory holds, names and numbers never seen in
+training included. A read that mixes several stored tokens raises each by its share. The gate is a
+sigmoid of the position's final hidden state, starting at sigmoid(`gate_init`).
+
+It needs a memory whose reads are input embeddings: `episodic` with `values: input`, `write_layer: 0`
+and `standardize: false` (with `value_offset: 1`, the embedding of the token after the matched one). A
+row with an empty memory reads nothing and keeps the backbone's logits.
+
+Legend: b batch, n positions, k positions whose logits are computed, d hidden size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from pydantic import Field
+from torch import nn
+
+from graftkit.errors import GraftkitError
+from graftkit.injector import Injector, InjectorConfig, hook_output, state_dtype
+from graftkit.injectors.xattn import Recall, check_layer
+
+
+class CopyInjector(Injector):
+    """Raises the next-token logits of the tokens the memory recalls for the question."""
+
+    name = "copy"
+
+    class Config(InjectorConfig):
+        layer: int = Field(
+            7,
+            description="Decoder layer (0-based; negative counts from the end) whose output each position queries the "
+            "memory with.",
+        )
+        boost: float = Field(
+            50.0, gt=0.0, le=1000.0, description="Largest raise, in logits, of a token the read holds entirely (gate 1)."
+        )
+        gate_init: float = Field(
+            0.0,
+            ge=-20.0,
+            le=20.0,
+            description="Bias of the sigmoid gate at initialisation: 0 starts it half open, where it learns fastest "
+            "(a row with an empty memory is never changed).",
+        )
+
+    config: Config
+
+    def __init__(self, config: Config, hidden_size: int, num_layers: int):
+        super().__init__(config, hidden_size, num_layers)
+        self.layer = check_layer(config.layer, num_layers, "injector.layer")
+        self.to_query = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.pool = ReadPool(hidden_size)
+        self.gate = nn.Linear(hidden_size, 1)
+        self.stop = nn.Linear(2 * hidden_size, 1)  # the end-of-turn raise: from the final state and the read
+        with torch.no_grad():
+            self.gate.weight.zero_()
+            self.gate.bias.fill_(config.gate_init)
+            self.stop.weight.zero_()
+            self.stop.bias.zero_()
+        self.eos: int | None = None
+        self.pooled: torch.Tensor | None = None
+        # derived from the backbone when attached (not graft tensors): G⁻¹ (d d) and the leverages e_y·G⁻¹e_y (V)
+        self.register_buffer("code", torch.zeros(0), persistent=False)
+        self.register_buffer("leverage", torch.zeros(0), persistent=False)
+        self._embedding: nn.Embedding | None = None
+
+    @classmethod
+    def reads_each_position(cls, config: Config) -> bool:
+        return True
+
+    def attach(self, backbone) -> None:
+        if self.attached:
+            raise GraftkitError(f"injector {self.name!r} is already attached to a backbone; call detach() first")
+        if backbone.hidden_size != self.hidden_size:
+            raise GraftkitError(f"injector: built for hidden size {self.hidden_size}, the backbone has {backbone.hidden_size}")
+        if backbone.num_layers != self.num_layers:
+            raise GraftkitError(f"injector: built for {self.num_layers} decoder layers, the backbone has {backbone.num_layers}")
+        self._embedding = backbone.embedding
+        self.eos = backbone.tokenizer.eos_token_id
+        with torch.no_grad():
+            e = self._embedding.weight.detach().double()
+            inverse = torch.linalg.inv(e.T @ e)
+            self.code = inverse.float().to(self._embedding.weight.device)
+            leverage = ((e @ inverse) * e).sum(-1).float()
+            self.leverage = leverage.clamp(min=1e-6).to(self._embedding.weight.device)  # a zero row (padding) scores 0
+        self.hook(backbone.layers[self.layer], self._on_layer)
+        self.hook(backbone.model.get_output_embeddings(), self._on_logits)
+
+    def prepare(self, memory, state) -> Recall:
+        self.pool.reset()
+        keep = (~state.is_empty).float().to(self.code.device)
+        return Recall(tokens=torch.zeros(state.batch_size, 0, self.hidden_size, device=keep.device), keep=keep, memory=memory, state=state)
+
+    def prepare_inputs(self, embeds: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.pool.mask = attention_mask.bool()
+        return embeds, attention_mask
+
+    def _on_layer(self, module, args, output):
+        recall = self.context
+        if recall is None:
+            return None
+        hidden = hook_output(output)[0].float()
+        query = self.to_query(F.rms_norm(hidden, hidden.shape[-1:], eps=1e-6)).to(state_dtype(recall.state))
+        self.reads = recall.memory.read(query, recall.state).float()
+        self.pooled = self.pool(hidden, self.reads)
+        return None
+
+    def scores(self, reads: torch.Tensor) -> torch.Tensor:
+        """s (… V): how much of each vocabulary token the reads (… d, input-embedding space) hold."""
+        return torch.matmul(reads @ self.code, self._embedding.weight.float().T) / self.leverage
+
+    def _on_logits(self, module, args, output):
+        recall = self.context
+        if recall is None or self.pooled is None:
+            return None
+        final = args[0].float()  # b k d: the normed final hidden states the LM head reads
+        k = output.shape[1]
+        keep = rearrange(recall.keep, "b -> b 1 1")
+        pooled = self.pooled[:, -k:]
+        raised = output.float() + torch.sigmoid(self.gate(final)) * keep * self.config.boost * self.scores(pooled)
+        if self.eos is not None:  # whether the answer ends here, learned from the position and what it recalled
+            unit = F.rms_norm(pooled, pooled.shape[-1:], eps=1e-6)
+            stop = self.stop(torch.cat([F.rms_norm(final, final.shape[-1:], eps=1e-6), unit], dim=-1)) * keep
+            raised[..., self.eos] += stop[..., 0]
+        return raised.to(output.dtype)
+
+
+class ReadPool(nn.Module):
+    """Causal attention (one head) of each position over the memory reads of the positions up to it.
+
+    Queries and keys are projections of the RMS-normed hidden states the reads were queried with; padding
+    (the `mask` the injector saw in `prepare_inputs`) is never attended to. Within one reading block it keeps
+    the keys and reads of the positions it has seen, so a cached generation step (one new position) attends
+    to the whole question; a call with several positions (a prefill, or an uncached step that recomputes
+    everything) starts over.
+    """
+
+    def __init__(self, dim: int, width: int = 64):
+        super().__init__()
+        self.norm = nn.RMSNorm(dim, eps=1e-6)
+        self.to_q = nn.Linear(dim, width, bias=False)
+        self.to_k = nn.Linear(dim, width, bias=False)
+        self.reset()
+
+    def reset(self) -> None:
+        self.mask: torch.Tensor | None = None
+        self.past: tuple[torch.Tensor, torch.Tensor] | None = None  # keys (b n w), reads (b n d) seen so far
+
+    def forward(self, hidden: torch.Tensor, reads: torch.Tensor) -> torch.Tensor:
+        """Pooled reads (b n d) for the call's positions (`hidden`, `reads`: b n d)."""
+        x = self.norm(hidden.float())
+        q, k = self.to_q(x), self.to_k(x)
+        b, n, _ = hidden.shape
+        if n == 1 and self.past is not None:  # one cached step: attend to everything seen so far
+            k, reads = torch.cat([self.past[0], k], 1), torch.cat([self.past[1], reads], 1)
+        self.past = (k, reads)
+        total = k.shape[1]
+        seen = torch.ones(b, total, dtype=torch.bool, device=hidden.device)
+        if self.mask is not None:  # positions beyond the prepared inputs are generated tokens
+            width = min(self.mask.shape[1], total)
+            seen[:, :width] = self.mask[:, :width].to(hidden.device)
+        causal = torch.ones(n, total, dtype=torch.bool, device=hidden.device).tril(total - n)
+        allowed = causal[None] & seen[:, None, :]
+        allowed[:, :, -n:] |= torch.eye(n, dtype=torch.bool, device=hidden.device)  # padding attends to itself
+        logits = torch.matmul(q, k.mT) / math.sqrt(q.shape[-1])
+        weights = logits.masked_fill(~allowed, float("-inf")).softmax(-1)
+        return torch.matmul(weights, reads.float())

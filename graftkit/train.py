@@ -105,6 +105,31 @@ def draw_bucket(rng: np.random.Generator, keys: list, weights: list[float]):
     return keys[rng.integers(len(keys))]
 
 
+#: What a resumed run may change: how long it goes on and how often it logs and evaluates.
+RESUMABLE = {"train.steps", "train.eval_every", "train.log_every"}
+
+
+def check_resumable(run_dir: Path, resolved: dict) -> None:
+    """Refuse to resume a run with a recipe that differs from its own `recipe.yaml` other than in `RESUMABLE`."""
+    path = run_dir / "recipe.yaml"
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise GraftkitError(f"--resume: cannot read the run's recipe {path}: {error}") from None
+    changed = [key for key in sorted(set(_flat(saved)) | set(_flat(resolved)))
+               if _flat(saved).get(key) != _flat(resolved).get(key) and key not in RESUMABLE]
+    if changed:
+        shown = "; ".join(f"{k}: {_flat(saved).get(k)!r} in the run, {_flat(resolved).get(k)!r} now" for k in changed[:4])
+        raise GraftkitError(f"--resume: the recipe differs from the run's own ({shown}); a resumed run may change only "
+                            f"{', '.join(sorted(RESUMABLE))} (resume with {path})")
+
+
+def _flat(value, prefix: str = "") -> dict:
+    if isinstance(value, dict):
+        return {k: v for key, sub in value.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: value}
+
+
 def make_accelerator(train_config):
     from accelerate import Accelerator
 
@@ -127,8 +152,11 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
         raise GraftkitError(f"--resume: {run_dir} has no checkpoint to resume from")
     if cfg.init_from and not resume:
         initial_tensors_file(cfg.init_from)  # a wrong path stops the run before the backbone loads
+    resolved = recipe.model_dump(mode="json")
+    if resume:
+        check_resumable(run_dir, resolved)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
 
     accelerator = make_accelerator(cfg)
     with status(f"loading backbone {recipe.backbone.kind}:{recipe.backbone.options().get('source')}"):

@@ -125,6 +125,19 @@ def test_a_crash_while_the_best_checkpoint_is_copied_loses_nothing(tmp_path, mon
     assert json.loads((best / "trainer.json").read_text())["step"] == recorded
 
 
+def test_resume_with_another_recipe_is_refused_and_the_run_keeps_its_own(tmp_path):
+    run = recipe(tmp_path, "run", steps=2, eval_every=2)
+    train(run, progress=False)
+    saved = (tmp_path / "run" / "recipe.yaml").read_text()
+    changed = recipe(tmp_path, "run", steps=2, eval_every=2, lr=0.5)
+    with pytest.raises(GraftkitError, match=r"--resume: the recipe differs from the run's own \(train.lr: 0.001 in the run, 0.5 now\)"):
+        train(changed, resume=True, progress=False)
+    assert (tmp_path / "run" / "recipe.yaml").read_text() == saved
+    longer = recipe(tmp_path, "run", steps=3, eval_every=3)
+    train(longer, resume=True, progress=False)  # going on for longer is what resuming is for
+    assert "steps: 3" in (tmp_path / "run" / "recipe.yaml").read_text()
+
+
 def test_cli_train_and_eval(tmp_path, capsys):
     import yaml
 

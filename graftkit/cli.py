@@ -182,15 +182,24 @@ def cmd_chat(args) -> int:
     from graftkit.export import load_graft
     from graftkit.sessions import chat_turn, load_state, reset, save_state
 
+    if args.max_new_tokens <= 0:
+        raise GraftkitError(f"--max-new-tokens: must be at least 1, got {args.max_new_tokens}")
     graft = load_graft(args.export_dir)
     state = load_state(graft, args.state, missing_ok=True)
     tty = sys.stdin.isatty()
+    if hasattr(sys.stdin, "reconfigure"):  # undecodable bytes become a message for their line, not a crash
+        sys.stdin.reconfigure(errors="surrogateescape")
     if tty:
         print(f"memory {args.state}: {int(state.tokens_written[0])} tokens. Statements are memorized, lines ending "
               "in '?' answered. /save, /reset, /quit")
+    number = 0
     try:
         while True:
             line = input("> " if tty else "").strip()
+            number += 1
+            if not _is_text(line):
+                print(f"graftkit: error: line {number}: not valid UTF-8 text; skipped", file=sys.stderr)
+                continue
             if line in ("/quit", "/exit"):
                 break
             if line == "/save":
@@ -205,7 +214,11 @@ def cmd_chat(args) -> int:
                 try:  # a bad line is a message; the session (and its memory) goes on
                     state, reply = chat_turn(graft, state, line, args.task, args.max_new_tokens)
                 except GraftkitError as exc:
-                    print(f"graftkit: error: {exc}", file=sys.stderr)
+                    print(f"graftkit: error: line {number}: {exc}", file=sys.stderr)
+                    continue
+                except (RuntimeError, ValueError, MemoryError) as exc:
+                    print(f"graftkit: error: line {number}: could not be processed ({type(exc).__name__}: {exc}); "
+                          "the memory is as it was before it", file=sys.stderr)
                     continue
                 if reply is not None:
                     print(reply)
@@ -215,6 +228,15 @@ def cmd_chat(args) -> int:
     if tty:
         print(f"\nsaved {args.state} ({int(state.tokens_written[0])} tokens)")
     return 0
+
+
+def _is_text(line: str) -> bool:
+    """False for a line read with surrogate escapes for bytes that are not UTF-8."""
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def lengths_overrides(run_dir: str, lengths: list[str], overrides: list[str]) -> list[str]:

@@ -79,6 +79,10 @@ def memorize(graft, text: str, state: MemoryState | None = None) -> MemoryState:
         return graft.memorize(text, state).detach()
 
 
+#: Longest question `ask` takes: turn 2 is one pass over the question, and its attention grows with its square.
+MAX_QUESTION_CHARS = 8000
+
+
 def ask(graft, question: str, state: MemoryState, task=None, max_new_tokens: int = 32) -> str:
     """Turn 2 for one user: the answer to `question` from `state` alone, the question sent as it is.
 
@@ -92,6 +96,9 @@ def ask(graft, question: str, state: MemoryState, task=None, max_new_tokens: int
         raise GraftkitError("ask: the question is empty")
     if max_new_tokens <= 0:
         raise GraftkitError(f"max_new_tokens: must be at least 1, got {max_new_tokens}")
+    if len(question) > MAX_QUESTION_CHARS:
+        raise GraftkitError(f"the question is {len(question)} characters long; a question may have at most "
+                            f"{MAX_QUESTION_CHARS} (memorize long text, then ask about it)")
     if task is None:
         return graft.answer(question, state, max_new_tokens=max_new_tokens)[0]
     prompt = task if hasattr(task, "parts") else task_prompts(graft).get(task)

@@ -227,3 +227,20 @@ def test_cli_chat(graft, export_dir, tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out == [expected_answer(graft, fact), "memory cleared", expected_answer(graft)]
     assert bool(load_state(graft, state).is_empty.all())
+
+
+def test_cli_chat_reports_a_bad_line_and_keeps_the_session(graft, export_dir, tmp_path, monkeypatch, capsys):
+    state = tmp_path / "chat.safetensors"
+    fact = "Mary went to the kitchen."
+    lines = f"{fact}\n".encode() + b"caf\xe9 au lait\n" + ("Where? " * 2000 + "?\n").encode() + f"{QUESTION}\n".encode()
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(lines), encoding="utf-8"))
+    assert main(["chat", str(export_dir), "--state", str(state), "--max-new-tokens", "8"]) == 0
+    captured = capsys.readouterr()
+    assert "line 2: not valid UTF-8 text; skipped" in captured.err
+    assert "line 3: the question is 14001 characters long; a question may have at most 8000" in captured.err
+    assert "Traceback" not in captured.err
+    assert captured.out.splitlines() == [expected_answer(graft, fact)]
+    assert int(load_state(graft, state).tokens_written[0]) == len(graft.backbone.text_ids(fact))
+    assert main(["chat", str(export_dir), "--state", str(state), "--max-new-tokens", "0"]) == 1
+    assert "--max-new-tokens: must be at least 1" in capsys.readouterr().err
+

@@ -21,7 +21,7 @@ COMPONENT_BLOCKS = {"backbone": "backbone", "memory": "memory", "injector": "inj
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ComponentBlock(BaseModel):

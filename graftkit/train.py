@@ -241,6 +241,12 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
         if all_finite(accelerator, step_loss, norm) or accelerator.scaler is not None:  # fp16's scaler skips itself
             optimizer.step()
             bad_run = 0
+            if not all(torch.isfinite(p).all() for p in params):  # never checkpoint (or mark best) broken weights
+                kept = f"checkpoints so far are in {ckpt_root}" if (ckpt_root / "latest.json").is_file() else "no checkpoint was written"
+                raise GraftkitError(
+                    f"training diverged: the update of step {step + 1} made graft weights non-finite (train.lr is "
+                    f"{cfg.lr:g}; try a lower one); {kept}"
+                )
         else:  # one overflowing batch would turn every weight into NaN: drop its update instead
             skipped, bad_run = skipped + 1, bad_run + 1
             pbar.write(f"step {step + 1}: non-finite loss or gradients, update skipped ({skipped} so far)")

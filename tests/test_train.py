@@ -138,6 +138,31 @@ def test_resume_with_another_recipe_is_refused_and_the_run_keeps_its_own(tmp_pat
     assert "steps: 3" in (tmp_path / "run" / "recipe.yaml").read_text()
 
 
+def test_an_update_that_breaks_the_weights_stops_the_run_before_it_is_saved(tmp_path, monkeypatch):
+    real = torch.optim.AdamW.step
+
+    def poisoned(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        with torch.no_grad():
+            self.param_groups[0]["params"][0].fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoned)
+    with pytest.raises(GraftkitError, match=r"training diverged: the update of step 1 made graft weights non-finite .*no checkpoint was written"):
+        train(recipe(tmp_path, "nan", steps=2, eval_every=1), progress=False)
+    assert not (tmp_path / "nan" / "checkpoints" / "latest.json").exists()
+
+
+@pytest.mark.parametrize("value", [".inf", ".nan"])
+def test_an_infinite_learning_rate_is_refused(tmp_path, value, capsys):
+    import yaml
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({**RECIPE, "output_dir": str(tmp_path / "x")}))
+    assert main(["validate", str(path), f"train.lr={value}"]) == 2
+    assert "train.lr" in capsys.readouterr().err
+
+
 def test_cli_train_and_eval(tmp_path, capsys):
     import yaml
 

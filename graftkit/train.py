@@ -40,6 +40,7 @@ from graftkit.protocol import HiddenCache, turn2_batch
 from graftkit.objectives import Objective, build_objectives
 from graftkit.recall import RecallHead, load_initial_head, recall_stage
 from graftkit.recipe import Recipe
+from graftkit.run_dir import MARKER, check_foreign, run_lock
 from graftkit.task import Task, build_task, load_examples
 
 # updates in a row dropped for a non-finite loss or gradient before a run is declared diverged
@@ -155,7 +156,17 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
     resolved = recipe.model_dump(mode="json")
     if resume:
         check_resumable(run_dir, resolved)
+    check_foreign(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / MARKER).touch()
+    with run_lock(run_dir):
+        return _train(recipe, resume, progress, resolved)
+
+
+def _train(recipe: Recipe, resume: bool, progress: bool, resolved: dict) -> TrainResult:
+    cfg = recipe.train
+    run_dir = Path(recipe.output_dir)
+    ckpt_root = run_dir / "checkpoints"
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
 
     accelerator = make_accelerator(cfg)

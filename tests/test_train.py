@@ -163,6 +163,29 @@ def test_an_infinite_learning_rate_is_refused(tmp_path, value, capsys):
     assert "train.lr" in capsys.readouterr().err
 
 
+def test_a_folder_another_run_writes_to_is_refused_and_a_stale_lock_is_not(tmp_path):
+    from graftkit.run_dir import run_lock
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    with run_lock(folder):  # a run in progress (this process holds the lock)
+        with pytest.raises(GraftkitError, match=r"another graftkit run \(process \d+\) is writing to"):
+            train(recipe(tmp_path, "run", steps=1, eval_every=1), progress=False)
+    assert not (folder / "checkpoints").exists() and not (folder / "recipe.yaml").exists()
+    (folder / ".lock").write_text("999999999")  # left by a run that died
+    train(recipe(tmp_path, "run", steps=1, eval_every=1), progress=False)
+    assert not (folder / ".lock").exists()
+
+
+def test_a_folder_of_other_files_is_refused_untouched(tmp_path):
+    own = tmp_path / "project"
+    own.mkdir()
+    (own / "recipe.yaml").write_text("my own recipe\n")
+    with pytest.raises(GraftkitError, match=r"output_dir: .*project holds files that are not a graftkit run \(recipe.yaml\)"):
+        train(recipe(tmp_path, "project", steps=1, eval_every=1), progress=False)
+    assert (own / "recipe.yaml").read_text() == "my own recipe\n"
+
+
 def test_cli_train_and_eval(tmp_path, capsys):
     import yaml
 

@@ -1,8 +1,10 @@
 """Copy from memory: a position's next-token logits are raised for the token its memory read holds.
 
-A forward hook on decoder layer `layer` queries the memory at every position (a projection of its
-RMS-normed hidden state) and mixes the reads of the positions up to it (`ReadPool`), so an answer
-position can use what a question word recalled. A hook on the LM head then adds to each position's logits
+A forward hook on decoder layer `layer` queries the memory twice at every position, with a projection
+of its RMS-normed hidden state (what the question asks) and with a projection of its input embedding
+(starting as the embedding itself: where the current token was written, so what followed it there), and
+mixes the reads of the positions up to it (`ReadPool`): an answer's first token can come from what a
+question word recalled, and each next one from where the previous one was written. A hook on the LM head then adds to each position's logits
 
     gate · boost · s,    s_y = (r · G⁻¹ e_y) / (e_y · G⁻¹ e_y),    G = Eᵀ E,
 
@@ -62,7 +64,12 @@ class CopyInjector(Injector):
         super().__init__(config, hidden_size, num_layers)
         self.layer = check_layer(config.layer, num_layers, "injector.layer")
         self.to_query = nn.Linear(hidden_size, hidden_size, bias=False)
-        self.pool = ReadPool(hidden_size)
+        # a second query per position: its own input embedding, so a memory whose keys start as the written
+        # token finds where the current token was written, and reads what followed it (the rest of a value)
+        self.to_token_query = nn.Linear(hidden_size, hidden_size, bias=False)
+        nn.init.eye_(self.to_token_query.weight)
+        self.pool = ReadPool(hidden_size, kinds=2)
+        self.tokens: torch.Tensor | None = None  # input embeddings (b n d) of the positions this block has seen
         self.gate = nn.Linear(hidden_size, 1)
         self.stop = nn.Linear(2 * hidden_size, 1)  # the end-of-turn raise: from the final state and the read
         with torch.no_grad():
@@ -96,11 +103,13 @@ class CopyInjector(Injector):
             self.code = inverse.float().to(self._embedding.weight.device)
             leverage = ((e @ inverse) * e).sum(-1).float()
             self.leverage = leverage.clamp(min=1e-6).to(self._embedding.weight.device)  # a zero row (padding) scores 0
+        self.hook(backbone.embedding, self._on_embedding)
         self.hook(backbone.layers[self.layer], self._on_layer)
         self.hook(backbone.model.get_output_embeddings(), self._on_logits)
 
     def prepare(self, memory, state) -> Recall:
         self.pool.reset()
+        self.tokens = None
         keep = (~state.is_empty).float().to(self.code.device)
         return Recall(tokens=torch.zeros(state.batch_size, 0, self.hidden_size, device=keep.device), keep=keep, memory=memory, state=state)
 
@@ -108,14 +117,24 @@ class CopyInjector(Injector):
         self.pool.mask = attention_mask.bool()
         return embeds, attention_mask
 
+    def _on_embedding(self, module, args, output):
+        """Keep the input embeddings: a single new one (a generation step) extends what was seen."""
+        if self.context is not None:
+            grows = self.tokens is not None and output.shape[1] == 1 and output.shape[0] == self.tokens.shape[0]
+            self.tokens = torch.cat([self.tokens, output], 1) if grows else output
+        return None
+
     def _on_layer(self, module, args, output):
         recall = self.context
         if recall is None:
             return None
         hidden = hook_output(output)[0].float()
-        query = self.to_query(F.rms_norm(hidden, hidden.shape[-1:], eps=1e-6)).to(state_dtype(recall.state))
+        dtype = state_dtype(recall.state)
+        query = self.to_query(F.rms_norm(hidden, hidden.shape[-1:], eps=1e-6)).to(dtype)
+        token_query = self.to_token_query(self.tokens[:, -hidden.shape[1] :].float()).to(dtype)
         self.reads = recall.memory.read(query, recall.state).float()
-        self.pooled = self.pool(hidden, self.reads)
+        own = recall.memory.read(token_query, recall.state).float()
+        self.pooled = self.pool(hidden, torch.stack([self.reads, own], dim=2))
         return None
 
     def scores(self, reads: torch.Tensor) -> torch.Tensor:
@@ -141,29 +160,32 @@ class CopyInjector(Injector):
 class ReadPool(nn.Module):
     """Causal attention (one head) of each position over the memory reads of the positions up to it.
 
-    Queries and keys are projections of the RMS-normed hidden states the reads were queried with; padding
+    A position may bring several reads (b n c d, c kinds of query); the key of a read is a projection of the
+    RMS-normed hidden state of its position plus a learned vector per kind (zero at initialisation). Padding
     (the `mask` the injector saw in `prepare_inputs`) is never attended to. Within one reading block it keeps
     the keys and reads of the positions it has seen, so a cached generation step (one new position) attends
     to the whole question; a call with several positions (a prefill, or an uncached step that recomputes
     everything) starts over.
     """
 
-    def __init__(self, dim: int, width: int = 64):
+    def __init__(self, dim: int, kinds: int = 1, width: int = 64):
         super().__init__()
         self.norm = nn.RMSNorm(dim, eps=1e-6)
         self.to_q = nn.Linear(dim, width, bias=False)
         self.to_k = nn.Linear(dim, width, bias=False)
+        self.kind = nn.Parameter(torch.zeros(kinds, width))
         self.reset()
 
     def reset(self) -> None:
         self.mask: torch.Tensor | None = None
-        self.past: tuple[torch.Tensor, torch.Tensor] | None = None  # keys (b n w), reads (b n d) seen so far
+        self.past: tuple[torch.Tensor, torch.Tensor] | None = None  # keys (b n c w), reads (b n c d) seen so far
 
     def forward(self, hidden: torch.Tensor, reads: torch.Tensor) -> torch.Tensor:
-        """Pooled reads (b n d) for the call's positions (`hidden`, `reads`: b n d)."""
+        """Pooled reads (b n d) for the call's positions (`hidden` b n d, `reads` b n c d)."""
         x = self.norm(hidden.float())
-        q, k = self.to_q(x), self.to_k(x)
-        b, n, _ = hidden.shape
+        q = self.to_q(x)
+        k = self.to_k(x)[:, :, None] + self.kind  # b n c w
+        b, n, c = reads.shape[:3]
         if n == 1 and self.past is not None:  # one cached step: attend to everything seen so far
             k, reads = torch.cat([self.past[0], k], 1), torch.cat([self.past[1], reads], 1)
         self.past = (k, reads)
@@ -175,6 +197,7 @@ class ReadPool(nn.Module):
         causal = torch.ones(n, total, dtype=torch.bool, device=hidden.device).tril(total - n)
         allowed = causal[None] & seen[:, None, :]
         allowed[:, :, -n:] |= torch.eye(n, dtype=torch.bool, device=hidden.device)  # padding attends to itself
-        logits = torch.matmul(q, k.mT) / math.sqrt(q.shape[-1])
+        allowed = allowed[..., None].expand(-1, -1, -1, c).flatten(2)  # b n (total c)
+        logits = torch.matmul(q, k.flatten(1, 2).mT) / math.sqrt(q.shape[-1])
         weights = logits.masked_fill(~allowed, float("-inf")).softmax(-1)
-        return torch.matmul(weights, reads.float())
+        return torch.matmul(weights, reads.flatten(1, 2).float())

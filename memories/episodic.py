@@ -66,6 +66,7 @@ class EpisodicMemory(Memory):
         self.null = nn.Parameter(torch.full((config.heads,), NULL_LOGIT))
         self.key_mix = KeyMix(config.key_span, self.dim) if config.key_span > 1 else None
         with torch.no_grad():
+            self.to_queries.weight.copy_(self.to_keys.weight)  # a query equal to a written input finds it
             self.to_beta.weight.mul_(0.1)
             self.to_beta.bias.fill_(BETA_BIAS)
 

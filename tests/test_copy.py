@@ -91,3 +91,17 @@ def test_config_fields_are_documented():
     config = graftkit.components("injector")["copy"].Config
     assert config.model_config.get("extra") == "forbid"
     assert all(field.description for field in config.model_fields.values())
+
+
+def test_an_untrained_graft_reads_what_followed_the_current_token(copy_graft):
+    """The token query starts as the input embedding and episodic keys start as the written token: at a position
+    whose token was written, the token read holds the token written after it."""
+    graft = copy_graft()
+    vocab = graft.backbone.embedding.weight.shape[0]
+    written = torch.randperm(vocab - 10)[:6] + 10
+    state = graft.memorize(input_ids=written[None])
+    ids = torch.tensor([[int(written[1]), int(written[3])]])
+    with torch.no_grad():
+        graft(ids, state)
+    own = graft.injector.pool.past[1][0, :, 1]  # the token reads of the two positions
+    assert graft.injector.scores(own).argmax(-1).tolist() == [int(written[2]), int(written[4])]

@@ -86,8 +86,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", help="put questions into this trained task prompt; default: the questions as they are")
     p.set_defaults(func=cmd_chat)
 
-    get_plugins().pm.hook.register_commands(cli=sub)
+    add_plugin_commands(sub)
     return parser
+
+
+def add_plugin_commands(sub) -> None:
+    """Each plugin's `register_commands`, one at a time: a plugin that fails is skipped with a warning (and
+    whatever it half-added removed), so the other commands still work."""
+    import warnings
+
+    from graftkit.plugins import BUILTINS, PluginWarning, get_plugins
+
+    plugins = get_plugins()
+    for impl in plugins.pm.hook.register_commands.get_hookimpls():
+        before = dict(sub.choices)
+        try:
+            impl.function(cli=sub)
+        except Exception as exc:
+            if impl.plugin_name in BUILTINS:
+                raise
+            for name in set(sub.choices) - set(before):
+                del sub.choices[name]
+            sub._choices_actions[:] = [a for a in sub._choices_actions if a.dest in before]
+            info = plugins.info.get(impl.plugin_name)
+            warnings.warn(
+                f"graftkit plugin {impl.plugin_name!r} from distribution {info.distribution if info else '?'!r} failed "
+                f"in register_commands and is skipped: {type(exc).__name__}: {exc}",
+                PluginWarning,
+                stacklevel=2,
+            )
 
 
 def cmd_validate(args) -> int:

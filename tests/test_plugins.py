@@ -259,6 +259,24 @@ def test_plugin_can_add_a_cli_command(isolated, capsys):
     assert capsys.readouterr().out == "GRAFT\n"
 
 
+def test_a_plugin_whose_commands_fail_is_skipped_and_the_rest_still_work(isolated, capsys):
+    class BrokenCommands:
+        @hookimpl
+        def register_commands(self, cli):
+            cli.add_parser("half", help="added before the failure")
+            raise RuntimeError("cannot add my commands")
+
+    plugins = Plugins(autoload=False)
+    plugins.add(BrokenCommands(), "broken_commands")
+    reset_plugins(plugins)
+    with pytest.warns(PluginWarning, match=r"'broken_commands' .* failed in register_commands and is skipped: RuntimeError"):
+        assert main(["plugins"]) == 0
+    assert "plugins:" in capsys.readouterr().out
+    with pytest.warns(PluginWarning), pytest.raises(SystemExit) as exited:
+        main(["half"])  # what it half-added is gone: an unknown command, as argparse reports it
+    assert exited.value.code == 2 and "invalid choice: 'half'" in capsys.readouterr().err
+
+
 # -- duplicates --------------------------------------------------------------------------------------
 
 

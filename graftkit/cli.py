@@ -93,9 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 def add_plugin_commands(sub) -> None:
     """Each plugin's `register_commands`, one at a time: a plugin that fails is skipped with a warning (and
     whatever it half-added removed), so the other commands still work."""
-    import warnings
-
-    from graftkit.plugins import BUILTINS, PluginWarning, get_plugins
+    from graftkit.plugins import BUILTINS, get_plugins
 
     plugins = get_plugins()
     for impl in plugins.pm.hook.register_commands.get_hookimpls():
@@ -108,13 +106,7 @@ def add_plugin_commands(sub) -> None:
             for name in set(sub.choices) - set(before):
                 del sub.choices[name]
             sub._choices_actions[:] = [a for a in sub._choices_actions if a.dest in before]
-            info = plugins.info.get(impl.plugin_name)
-            warnings.warn(
-                f"graftkit plugin {impl.plugin_name!r} from distribution {info.distribution if info else '?'!r} failed "
-                f"in register_commands and is skipped: {type(exc).__name__}: {exc}",
-                PluginWarning,
-                stacklevel=2,
-            )
+            plugins.warn_failed(impl.plugin_name, "register_commands", exc)
 
 
 def cmd_validate(args) -> int:

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from graftkit.errors import GraftkitError
 from graftkit.memory import Memory
 from graftkit.state import MemoryState
 
@@ -63,6 +64,15 @@ class Injector(nn.Module):
     def attach(self, backbone) -> None:
         """Register hooks on `backbone` (a graftkit backbone adapter) through `self.hook`."""
         raise NotImplementedError
+
+    def check_backbone(self, backbone) -> None:
+        """Refuse a second attach and a backbone of another width or depth than this injector was built for."""
+        if self.attached:
+            raise GraftkitError(f"injector {self.name!r} is already attached to a backbone; call detach() first")
+        if backbone.hidden_size != self.hidden_size:
+            raise GraftkitError(f"injector: built for hidden size {self.hidden_size}, the backbone has {backbone.hidden_size}")
+        if backbone.num_layers != self.num_layers:
+            raise GraftkitError(f"injector: built for {self.num_layers} decoder layers, the backbone has {backbone.num_layers}")
 
     def hook(self, module: nn.Module, fn) -> None:
         """Register a forward hook `fn(module, args, output) -> output` that is removed by `detach`."""

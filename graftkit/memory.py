@@ -156,6 +156,13 @@ def look_ahead(x: torch.Tensor, mask: torch.Tensor | None, offset: int) -> torch
     return shifted if order is None else in_place_of(shifted, order)
 
 
+def without_last_written(keep: torch.Tensor, count: int) -> torch.Tensor:
+    """`keep` (b n, 1 = written) with each row's last `count` written positions set to 0: with a value_offset,
+    they have no value to store."""
+    written = keep.cumsum(1)
+    return keep * (written <= written[:, -1:] - count)
+
+
 class KeyMix(nn.Module):
     """Depthwise causal convolution over written inputs (b n d) for computing keys, across write calls.
 

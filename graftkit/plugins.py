@@ -125,14 +125,18 @@ class Plugins:
             except Exception as exc:
                 if owner in BUILTINS:
                     raise
-                info = self.info.get(owner)
-                warnings.warn(
-                    f"graftkit plugin {owner!r} from distribution {info.distribution if info else '?'!r} failed in "
-                    f"{HOOKS[kind]} and is skipped: {type(exc).__name__}: {exc}",
-                    PluginWarning,
-                    stacklevel=2,
-                )
+                self.warn_failed(owner, HOOKS[kind], exc)
         return registry
+
+    def warn_failed(self, owner: str, hook: str, exc: Exception) -> None:
+        """Warn that third-party plugin `owner` raised `exc` in `hook` and is skipped there."""
+        info = self.info.get(owner)
+        warnings.warn(
+            f"graftkit plugin {owner!r} from distribution {info.distribution if info else '?'!r} failed in "
+            f"{hook} and is skipped: {type(exc).__name__}: {exc}",
+            PluginWarning,
+            stacklevel=3,
+        )
 
     def owner_of(self, kind: str, name: str) -> PluginInfo:
         return self.info[self.registries[kind].owners[name]]

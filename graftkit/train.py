@@ -117,12 +117,16 @@ def check_resumable(run_dir: Path, resolved: dict) -> None:
         saved = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as error:
         raise GraftkitError(f"--resume: cannot read the run's recipe {path}: {error}") from None
-    changed = [key for key in sorted(set(_flat(saved)) | set(_flat(resolved)))
-               if _flat(saved).get(key) != _flat(resolved).get(key) and key not in RESUMABLE]
+    was, now = _flat(saved), _flat(resolved)
+    changed = [key for key in sorted(set(was) | set(now)) if was.get(key) != now.get(key) and key not in RESUMABLE]
     if changed:
-        shown = "; ".join(f"{k}: {_flat(saved).get(k)!r} in the run, {_flat(resolved).get(k)!r} now" for k in changed[:4])
+        shown = "; ".join(f"{k}: {was.get(k)!r} in the run, {now.get(k)!r} now" for k in changed[:4])
         raise GraftkitError(f"--resume: the recipe differs from the run's own ({shown}); a resumed run may change only "
                             f"{', '.join(sorted(RESUMABLE))} (resume with {path})")
+
+
+def _saved_so_far(ckpt_root: Path) -> str:
+    return f"checkpoints so far are in {ckpt_root}" if (ckpt_root / "latest.json").is_file() else "no checkpoint was written"
 
 
 def _flat(value, prefix: str = "") -> dict:
@@ -217,10 +221,11 @@ def _train(recipe: Recipe, resume: bool, progress: bool, resolved: dict) -> Trai
 
     start, best = 0, {"accuracy": -1.0, "step": 0}
     if resume:
-        info = load_checkpoint(resolve_checkpoint(run_dir, "last"), graft, optimizer, scheduler, kept)
+        last = resolve_checkpoint(run_dir, "last")
+        info = load_checkpoint(last, graft, optimizer, scheduler, kept)
         start, best = info["step"], info.get("best", best)
         if best["step"] == start and best_marked(ckpt_root) != start:  # stopped between the checkpoint and its best copy
-            mark_best(ckpt_root, resolve_checkpoint(run_dir, "last"), best["accuracy"])
+            mark_best(ckpt_root, last, best["accuracy"])
         print(f"resuming {run_dir} from step {start}")
         metrics = Metrics(run_dir / "metrics.jsonl", resume_from=start)
     keys, weights = sorted(train_buckets), [c.weight for c in recipe.task_configs()]
@@ -253,19 +258,17 @@ def _train(recipe: Recipe, resume: bool, progress: bool, resolved: dict) -> Trai
             optimizer.step()
             bad_run = 0
             if not all(torch.isfinite(p).all() for p in params):  # never checkpoint (or mark best) broken weights
-                kept = f"checkpoints so far are in {ckpt_root}" if (ckpt_root / "latest.json").is_file() else "no checkpoint was written"
                 raise GraftkitError(
                     f"training diverged: the update of step {step + 1} made graft weights non-finite (train.lr is "
-                    f"{cfg.lr:g}; try a lower one); {kept}"
+                    f"{cfg.lr:g}; try a lower one); {_saved_so_far(ckpt_root)}"
                 )
         else:  # one overflowing batch would turn every weight into NaN: drop its update instead
             skipped, bad_run = skipped + 1, bad_run + 1
             pbar.write(f"step {step + 1}: non-finite loss or gradients, update skipped ({skipped} so far)")
             if bad_run >= MAX_NONFINITE_STEPS:
-                kept = f"checkpoints so far are in {ckpt_root}" if (ckpt_root / "latest.json").is_file() else "no checkpoint was written"
                 raise GraftkitError(
                     f"training diverged: {bad_run} steps in a row up to step {step + 1} had a non-finite loss or "
-                    f"gradients (train.lr is {cfg.lr:g}; try a lower one); {kept}"
+                    f"gradients (train.lr is {cfg.lr:g}; try a lower one); {_saved_so_far(ckpt_root)}"
                 )
         with warnings.catch_warnings():  # the schedule follows the step count, skipped steps included
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")

@@ -31,7 +31,6 @@ from einops import rearrange
 from pydantic import Field
 from torch import nn
 
-from graftkit.errors import GraftkitError
 from graftkit.injector import Injector, InjectorConfig, hook_output, state_dtype
 from graftkit.injectors.xattn import Recall, check_layer
 
@@ -89,12 +88,7 @@ class CopyInjector(Injector):
         return True
 
     def attach(self, backbone) -> None:
-        if self.attached:
-            raise GraftkitError(f"injector {self.name!r} is already attached to a backbone; call detach() first")
-        if backbone.hidden_size != self.hidden_size:
-            raise GraftkitError(f"injector: built for hidden size {self.hidden_size}, the backbone has {backbone.hidden_size}")
-        if backbone.num_layers != self.num_layers:
-            raise GraftkitError(f"injector: built for {self.num_layers} decoder layers, the backbone has {backbone.num_layers}")
+        self.check_backbone(backbone)
         self._embedding = backbone.embedding
         self.eos = backbone.tokenizer.eos_token_id
         with torch.no_grad():

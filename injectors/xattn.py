@@ -147,16 +147,7 @@ class MemoryTokenInjector(Injector):
         return Recall(tokens=tokens, keep=(~state.is_empty).float().to(tokens.device), memory=memory, state=state)
 
     def attach(self, backbone) -> None:
-        if self.attached:
-            raise GraftkitError(f"injector {self.name!r} is already attached to a backbone; call detach() first")
-        if backbone.hidden_size != self.hidden_size:
-            raise GraftkitError(
-                f"injector: built for hidden size {self.hidden_size}, the backbone has {backbone.hidden_size}"
-            )
-        if backbone.num_layers != self.num_layers:
-            raise GraftkitError(
-                f"injector: built for {self.num_layers} decoder layers, the backbone has {backbone.num_layers}"
-            )
+        self.check_backbone(backbone)
         self._attach(backbone)
 
     def _attach(self, backbone) -> None:

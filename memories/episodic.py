@@ -27,7 +27,7 @@ from einops import rearrange
 from pydantic import Field
 from torch import nn
 
-from graftkit.memory import KEY_SPAN_HELP, VALUE_OFFSET_HELP, KeyMix, Memory, MemoryConfig, look_ahead
+from graftkit.memory import KEY_SPAN_HELP, VALUE_OFFSET_HELP, KeyMix, Memory, MemoryConfig, look_ahead, without_last_written
 from graftkit.state import MemoryState
 
 # At init: β = σ(0) = 0.5 for every token, read temperature τ = 8 on cosine logits, empty-slot logit 0.
@@ -103,9 +103,8 @@ class EpisodicMemory(Memory):
         else:
             values = rearrange(self.to_values(value_x), "b n (h e) -> b n h e", h=cfg.heads)
         keep = torch.ones(b, n, dtype=x.dtype, device=x.device) if mask is None else mask.to(x.dtype)
-        if cfg.value_offset:  # the last value_offset written tokens have no value to store
-            written = keep.cumsum(1)
-            keep = keep * (written <= written[:, -1:] - cfg.value_offset)
+        if cfg.value_offset:
+            keep = without_last_written(keep, cfg.value_offset)
         strength = self.write_strengths(x)[..., 0] * keep
         order = state["order"].amax(1, keepdim=True) + 1 + torch.arange(n, device=x.device, dtype=x.dtype)[None]
         keys, values = (torch.cat([state[k], new], dim=1) for k, new in (("keys", keys), ("values", values)))

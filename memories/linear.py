@@ -39,7 +39,7 @@ from einops import rearrange, repeat
 from pydantic import Field
 from torch import nn
 
-from graftkit.memory import KEY_SPAN_HELP, VALUE_OFFSET_HELP, VALUE_SPAN_HELP, KeyMix, Memory, MemoryConfig, ValueMix, look_ahead
+from graftkit.memory import KEY_SPAN_HELP, VALUE_OFFSET_HELP, VALUE_SPAN_HELP, KeyMix, Memory, MemoryConfig, ValueMix, look_ahead, without_last_written
 from graftkit.state import MemoryState
 
 # Biases at init: β = σ(0) = 0.5; decay σ(−6) ≈ 0.0025 per token (about 8% of a memory survives 1k
@@ -136,9 +136,8 @@ class LinearMemory(Memory):
         keep[:, keep.shape[1] - pad :] = 0.0
         if mask is not None:
             keep[:, : mask.shape[1]] = mask.to(x.dtype)
-        if cfg.value_offset:  # the last value_offset written tokens have no value to store
-            written = keep.cumsum(1)
-            keep = keep * (written <= written[:, -1:] - cfg.value_offset)
+        if cfg.value_offset:
+            keep = without_last_written(keep, cfg.value_offset)
         keep = rearrange(keep, "b (k c) -> k b c", c=size)
         beta = rearrange(self.write_strengths(x), "b (k c) h -> k (b h) c", c=size) * repeat(
             keep, "k b c -> k (b h) c", h=heads

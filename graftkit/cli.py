@@ -20,14 +20,19 @@ def main(argv: list[str] | None = None) -> int:
     except GraftkitError as exc:
         print(f"graftkit: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # a path the user named cannot be written or read (a parent that is a file, no permission, a full disk)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"graftkit: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except UnicodeError:  # an argument or a file that is not UTF-8 text
+        print("graftkit: error: an argument or an input is not valid UTF-8 text", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("graftkit: interrupted", file=sys.stderr)
         return 130
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from graftkit.plugins import get_plugins
-
     parser = argparse.ArgumentParser(prog="graftkit", description="Graft a trainable memory onto a frozen LLM.")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
 

@@ -302,8 +302,8 @@ def read_export_config(directory) -> dict:
     if not isinstance(raw, dict) or raw.get("format") != EXPORT_FORMAT:
         raise ExportError(f"{path}: not a graftkit export configuration (format {raw.get('format') if isinstance(raw, dict) else None!r})")
     version = raw.get("format_version")
-    if not isinstance(version, int):
-        raise ExportError(f"{path}: damaged (format_version is {version!r}, expected an integer)")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ExportError(f"{path}: damaged (format_version is {version!r}, expected an integer from 1)")
     if version > FORMAT_VERSION:
         from graftkit.plugins import _version
 
@@ -403,7 +403,11 @@ def _component_class(plugins, kind: str, name: str, record: Mapping[str, str]):
         return registry.classes[name]
     dist, version = record["distribution"], record["version"]
     if dist == "graftkit":
-        hint = f"pip install --upgrade 'graftkit>={version}'"
+        from graftkit.plugins import _version
+
+        here = _version("graftkit")
+        hint = (f"this graftkit ({here}) has no {kind} {name!r}; the export names one of its own that does not exist"
+                if here == version else f"pip install --upgrade 'graftkit>={version}'")
     elif dist == "(registered in code)":
         hint = "it was registered in code with Plugins.add(); register the same plugin before loading"
     else:

@@ -59,11 +59,15 @@ class Graft(nn.Module):
     # -- identity ------------------------------------------------------------------------------------
     def identity(self) -> dict[str, str]:
         """Metadata stamped on states this graft writes; a state from another graft is refused."""
-        h = hashlib.sha256(repr(self.backbone.manifest()).encode())
-        for name, tensor in sorted(self.state_dict().items()):
-            h.update(name.encode())
-            h.update(tensor.detach().float().cpu().numpy().tobytes())
-        return {**self.memory.identity, "graft": h.hexdigest()[:16]}
+        tensors = sorted(self.state_dict().items())
+        version = tuple((name, t.data_ptr(), t._version) for name, t in tensors)  # recomputed once a tensor changes
+        if getattr(self, "_identity", (None,))[0] != version:
+            h = hashlib.sha256(repr(self.backbone.manifest()).encode())
+            for name, tensor in tensors:
+                h.update(name.encode())
+                h.update(tensor.detach().float().cpu().numpy().tobytes())
+            self._identity = (version, h.hexdigest()[:16])
+        return {**self.memory.identity, "graft": self._identity[1]}
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Memory and injector parameters; collected structurally, so never a backbone tensor."""
@@ -142,7 +146,9 @@ class Graft(nn.Module):
         if (texts is None) == (input_ids is None):
             raise GraftkitError("memorize: pass either texts or input_ids")
         if texts is not None:
-            texts = [texts] if isinstance(texts, str) else list(texts)
+            texts = [texts] if isinstance(texts, str) else list(texts) if isinstance(texts, (list, tuple)) else texts
+            if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+                raise GraftkitError("memorize: texts must be a string or a list of strings, one per row")
             input_ids, attention_mask = self.tokenize_context(texts)
         if state is not None and state.batch_size != input_ids.shape[0]:
             raise GraftkitError(f"memorize: {input_ids.shape[0]} texts but the state has {state.batch_size} rows")

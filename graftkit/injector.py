@@ -13,17 +13,17 @@ import contextlib
 from typing import Any, Callable, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from graftkit.config import Config
 from graftkit.errors import GraftkitError
 from graftkit.memory import Memory
 from graftkit.state import MemoryState
 
 
-class InjectorConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class InjectorConfig(Config):
+    """Fields every injector has (none yet); an injector's own `Config` subclasses this."""
 
 
 class Injector(nn.Module):

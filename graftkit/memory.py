@@ -12,17 +12,16 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 
+from graftkit.config import Config
 from graftkit.errors import GraftkitError, StateError
 from graftkit.state import WRITTEN, MemoryState, config_hash
 
 
-class MemoryConfig(BaseModel):
+class MemoryConfig(Config):
     """Fields every memory has; a memory's own `Config` subclasses this."""
-
-    model_config = ConfigDict(extra="forbid")
 
     dim: int | None = Field(
         None, gt=0, description="Width of written and read vectors; a graft fills it from the backbone's hidden size."

@@ -15,13 +15,10 @@ from typing import Any, Iterable, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from graftkit.config import Config
 from graftkit.errors import RecipeError, UnknownComponentError
 
 COMPONENT_BLOCKS = {"backbone": "backbone", "memory": "memory", "injector": "injector"}
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ComponentBlock(BaseModel):
@@ -55,7 +52,7 @@ def _label(length: str) -> str:
         return str(length)  # an invalid label is reported where lengths are used
 
 
-class TrainConfig(Strict):
+class TrainConfig(Config):
     steps: int = Field(600, gt=0, description="Optimizer steps.")
     lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
@@ -147,7 +144,7 @@ class TrainConfig(Strict):
     )
 
 
-class Recipe(Strict):
+class Recipe(Config):
     schema_version: Literal[1] = Field(description="Recipe format version.")
     backbone: ComponentBlock
     memory: ComponentBlock

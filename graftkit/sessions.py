@@ -56,23 +56,51 @@ def save_state(graft, state: MemoryState, path: str | os.PathLike) -> Path:
 
 
 def load_state(graft, path: str | os.PathLike, missing_ok: bool = False) -> MemoryState:
-    """Read a state saved by `save_state` for this graft; another graft's state raises `StateError`.
+    """Read a state saved by `save_state` for this graft; another graft's state, or one whose tensors are
+    not this graft's memory's (names, shapes, dtypes), raises `StateError`.
 
     With `missing_ok`, a path that does not exist yet gives a fresh memory (`reset(graft)`).
     """
     if missing_ok and not Path(path).exists():
         return reset(graft)
-    return MemoryState.load(path, expect=graft.identity(), device=graft.backbone.device)
+    state = MemoryState.load(path, expect=graft.identity(), device=graft.backbone.device)
+    fresh = graft.init_state(state.batch_size if state.batch_size > 0 else 1)
+    if set(state.tensors) != set(fresh.tensors):
+        raise StateError(f"{path}: holds tensors {sorted(state.tensors)}, this graft's memory has {sorted(fresh.tensors)}")
+    for name, want in fresh.tensors.items():
+        got = state.tensors[name]
+        if got.shape != want.shape or got.dtype != want.dtype:
+            raise StateError(f"{path}: {name} is {got.dtype} {tuple(got.shape)}, this graft's memory has {want.dtype} {tuple(want.shape)}")
+    return state
+
+
+def _check_utf8(text: str, what: str) -> None:
+    """Refuse text holding lone surrogates (bytes that were not UTF-8, as Python keeps them from argv)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise GraftkitError(f"{what} is not valid UTF-8 text") from None
+
+
+def _own(graft, state: MemoryState, where: str) -> None:
+    """Refuse a state another graft wrote (the stamp `reset` and `save_state` put on it)."""
+    got, want = state.metadata.get("graft"), None
+    if got is not None and got != (want := graft.identity()["graft"]):
+        raise StateError(f"{where}: this memory was written by another graft ({got!r}); this one is {want!r}")
 
 
 def memorize(graft, text: str, state: MemoryState | None = None) -> MemoryState:
     """Turn 1 for one user: append `text` to `state` (a fresh memory if None); returns the new state."""
-    if not text or not text.strip():
+    if not isinstance(text, str):
+        raise GraftkitError(f"memorize: the text must be a string, not {type(text).__name__}")
+    _check_utf8(text, "memorize: the text")
+    if not text.strip():
         raise GraftkitError("nothing to memorize: the text is empty")
     if state is None:
         state = reset(graft)
     if state.batch_size != 1:
         raise StateError(f"a user's memory has one row; this state has {state.batch_size}")
+    _own(graft, state, "memorize")
     if not bool(state.is_empty.all()) and not text[:1].isspace():
         text = " " + text  # as inside one running text, so the tokens match what training wrote
     with torch.no_grad():
@@ -94,6 +122,8 @@ def ask(graft, question: str, state: MemoryState, task=None, max_new_tokens: int
         raise StateError(f"a user's memory has one row; this state has {state.batch_size}")
     if not isinstance(question, str) or not question.strip():
         raise GraftkitError("ask: the question is empty")
+    _check_utf8(question, "ask: the question")
+    _own(graft, state, "ask")
     if max_new_tokens <= 0:
         raise GraftkitError(f"max_new_tokens: must be at least 1, got {max_new_tokens}")
     if len(question) > MAX_QUESTION_CHARS:
@@ -134,5 +164,6 @@ def fork(state: MemoryState) -> MemoryState:
 
 
 def reset(graft) -> MemoryState:
-    """An empty memory (one row) for `graft`."""
-    return graft.init_state(1)
+    """An empty memory (one row) for `graft`, stamped with its identity."""
+    state = graft.init_state(1)
+    return MemoryState(state.tensors, {**state.metadata, **graft.identity()})

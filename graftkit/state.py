@@ -7,6 +7,7 @@ is never used.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -20,6 +21,17 @@ from graftkit.errors import StateError
 
 FORMAT = "graftkit.memory_state/1"
 WRITTEN = "tokens_written"  # reserved entry: tokens written so far, one count per row
+CHECKSUM = "sha256"  # metadata entry: sha256 of the tensors' names, dtypes, shapes and bytes
+
+
+def checksum(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 (hex) of named tensors, in name order: names, dtypes, shapes and bytes."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 class MemoryState:
@@ -99,7 +111,7 @@ class MemoryState:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.tensors.items()}
-        save_file(tensors, str(tmp), metadata={**self.metadata, "format": FORMAT})
+        save_file(tensors, str(tmp), metadata={**self.metadata, "format": FORMAT, CHECKSUM: checksum(tensors)})
         os.replace(tmp, path)
         return path
 
@@ -118,6 +130,9 @@ class MemoryState:
         if metadata.get("format") != FORMAT or WRITTEN not in tensors:
             raise StateError(f"{path}: not a graftkit memory state (format {metadata.get('format')!r})")
         metadata.pop("format")
+        recorded = metadata.pop(CHECKSUM, None)
+        if recorded is not None and recorded != checksum(tensors):
+            raise StateError(f"{path}: damaged (its tensors do not match the checksum written with them)")
         for key, want in (expect or {}).items():
             got = metadata.get(key)
             if got != want:

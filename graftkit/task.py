@@ -22,15 +22,15 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from graftkit.config import Config
 
 SPLITS = ("train", "test")
 
 
-class TaskConfig(BaseModel):
+class TaskConfig(Config):
     """Fields every task block has; a task's own Config adds its options."""
-
-    model_config = ConfigDict(extra="forbid")
 
     task: str = Field("", description="Registered task name (see `graftkit plugins`).")
     weight: float = Field(1.0, gt=0, description="Share of training batches drawn from this task, relative to the others.")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any, Literal
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from graftkit.data.tasks import DataError, check_split, check_task, each_valid, length_label, parse_length
@@ -45,6 +45,16 @@ class BabilongConfig(TaskConfig):
     @classmethod
     def _lengths(cls, value: list[str]) -> list[str]:
         return each_valid(value, parse_length)
+
+    @model_validator(mode="after")
+    def _vendored(self) -> "BabilongConfig":
+        from graftkit.data.tasks import TASKS
+
+        missing = [t for t in self.tasks if t not in TASKS]
+        if self.babi_dir is None and missing:
+            raise ValueError(f"tasks: {', '.join(missing)} not in the vendored data (it holds {', '.join(TASKS)}); "
+                             "set babi_dir to a bAbI v1.2 folder (tasks_1-20_v1-2)")
+        return self
 
     @field_validator("train_samples", mode="before")
     @classmethod

@@ -266,6 +266,27 @@ def test_refuses_a_missing_plugin(copy):
     assert str(info.value) == "memory 'foo' comes from distribution 'graftkit-foo' 1.2: pip install graftkit-foo"
 
 
+def test_an_unknown_builtin_kind_does_not_ask_to_upgrade_to_the_installed_version(copy):
+    from graftkit.plugins import _version
+
+    here = _version("graftkit")
+
+    def change(c):
+        c["memory"]["kind"] = "foo"
+        c["plugins"]["memory"] = {"name": "foo", "plugin": "graftkit", "distribution": "graftkit", "version": here}
+
+    edit_config(copy, change)
+    with pytest.raises(ExportError, match=f"this graftkit \\({here}\\) has no memory 'foo'"):
+        load_graft(copy)
+
+
+@pytest.mark.parametrize("version", [0, -3, True])
+def test_refuses_a_format_version_that_never_existed(copy, version):
+    edit_config(copy, lambda c: c.update(format_version=version))
+    with pytest.raises(ExportError, match=f"damaged \\(format_version is {version!r}"):
+        load_graft(copy)
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
 def test_refuses_a_damaged_tensor_file(copy, damage, tiny_backbone):
     path = copy / TENSORS_FILE

@@ -19,7 +19,7 @@ import torch
 
 from graftkit.api import graft_from_configs
 from graftkit.cli import main
-from graftkit.errors import StateError
+from graftkit.errors import GraftkitError, StateError
 from graftkit.export import export_graft
 from graftkit.sessions import ask, chat_turn, fork, load_state, memorize, reset, save_state
 from graftkit.tasks.babilong import BabilongConfig, BabilongTask
@@ -118,6 +118,47 @@ def test_state_of_another_graft_is_refused(graft, tmp_path):
     assert load_state(graft, path).metadata["graft"] == graft.identity()["graft"]
 
 
+def test_a_memory_another_graft_wrote_is_refused_before_it_is_saved_or_used(graft, tmp_path):
+    """A state in memory (never saved) carries the graft that wrote it: another graft of the same shapes
+    neither saves it as its own nor writes into it nor answers from it."""
+    other = make_graft(graft.backbone, seed=1)
+    try:
+        theirs = memorize(other, STORY)
+        with pytest.raises(StateError, match="refusing to save a state of another graft"):
+            save_state(graft, theirs, tmp_path / "alice.safetensors")
+        with pytest.raises(StateError, match="written by another graft"):
+            memorize(graft, STORY, theirs)
+        with pytest.raises(StateError, match="written by another graft"):
+            ask(graft, QUESTION, theirs)
+    finally:
+        other.injector.detach()
+    assert not (tmp_path / "alice.safetensors").exists()
+
+
+def test_a_damaged_or_reshaped_state_file_is_refused_by_name(graft, tmp_path):
+    from safetensors.torch import load_file, safe_open, save_file
+
+    path = save_state(graft, memorize(graft, STORY), tmp_path / "alice.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(path))
+    name = next(k for k in tensors if k != "tokens_written" and tensors[k].is_floating_point())
+    flipped = dict(tensors, **{name: tensors[name].clone().index_put_((torch.tensor(0),) * tensors[name].dim(), torch.tensor(7.0))})
+    save_file(flipped, str(tmp_path / "flipped.safetensors"), metadata=metadata)
+    with pytest.raises(StateError, match="flipped.safetensors: damaged"):
+        load_state(graft, tmp_path / "flipped.safetensors")
+    reshaped = dict(tensors, **{name: tensors[name][..., :1].contiguous()})
+    save_file(reshaped, str(tmp_path / "reshaped.safetensors"), metadata={k: v for k, v in metadata.items() if k != "sha256"})
+    with pytest.raises(StateError, match=f"reshaped.safetensors: {name} is"):
+        load_state(graft, tmp_path / "reshaped.safetensors")
+
+
+@pytest.mark.parametrize("text", [123, None, ["Mary went to the kitchen.", None]])
+def test_memorize_refuses_what_is_not_text(graft, text):
+    with pytest.raises(GraftkitError, match="must be a string"):
+        memorize(graft, text) if not isinstance(text, list) else graft.memorize(text)
+
+
 def test_ask_builds_turn_two_as_evaluation_does(graft):
     """`ask(..., task)` (what `graftkit ask` and `chat` call) sees the question as training and `graftkit eval` do."""
     from types import SimpleNamespace
@@ -210,6 +251,20 @@ def test_cli_user_mistakes_are_messages(export_dir, tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
     assert not (tmp_path / "s").exists()
+
+
+def test_cli_paths_that_cannot_be_written_and_text_that_is_not_utf8_are_messages(export_dir, tmp_path, capsys):
+    notes, blocker = tmp_path / "notes.txt", tmp_path / "a-file"
+    notes.write_text(STORY)
+    blocker.write_text("")
+    assert main(["memorize", str(export_dir), "--state", str(blocker / "alice.safetensors"), str(notes)]) == 1
+    err = capsys.readouterr().err
+    assert str(blocker) in err and "Traceback" not in err, err
+    state = tmp_path / "alice.safetensors"
+    assert main(["memorize", str(export_dir), "--state", str(state), str(notes)]) == 0
+    capsys.readouterr()
+    assert main(["ask", str(export_dir), "--state", str(state), "Where is \udcff?"]) == 1  # argv bytes that are not UTF-8
+    assert "not valid UTF-8" in capsys.readouterr().err
 
 
 def test_cli_chat(graft, export_dir, tmp_path, monkeypatch, capsys):

@@ -163,6 +163,17 @@ def test_an_infinite_learning_rate_is_refused(tmp_path, value, capsys):
     assert "train.lr" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("override", ["train.steps=true", "memory.chunk_size=false", "injector.gate_init=yes", "memory.max_lr=.inf"])
+def test_a_yes_no_or_infinity_where_a_number_belongs_is_refused_by_name(tmp_path, override, capsys):
+    import yaml
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({**RECIPE, "output_dir": str(tmp_path / "x")}))
+    assert main(["validate", str(path), override]) == 2
+    assert override.split("=")[0] in capsys.readouterr().err
+    assert main(["validate", str(path), "train.steps=3"]) == 0
+
+
 def test_a_folder_another_run_writes_to_is_refused_and_a_stale_lock_is_not(tmp_path):
     from graftkit.run_dir import run_lock
 

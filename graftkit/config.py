@@ -1,0 +1,33 @@
+"""The base of every configuration model (recipes, memories, injectors, tasks)."""
+
+from __future__ import annotations
+
+import types
+import typing
+
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
+
+NUMBERS = (int, float)
+
+
+class Config(BaseModel):
+    """Unknown keys are refused, as are infinite and NaN floats and a yes/no given where a number is expected
+    (`steps: true` is not one step)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value, info: ValidationInfo):
+        if isinstance(value, bool) and _numeric(cls.model_fields[info.field_name].annotation):
+            raise ValueError("expected a number, not a yes/no")
+        return value
+
+
+def _numeric(annotation) -> bool:
+    """A number type, alone or with None (`int`, `float | None`), and not also a bool."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    else:
+        args = [annotation]
+    return bool(args) and bool not in args and all(a in NUMBERS for a in args)

@@ -174,6 +174,13 @@ def test_the_preserve_loss_is_zero_while_the_graft_is_the_backbone_and_trains_it
     opened = model(hidden, mask, **batch, **extra)
     kl = opened.terms["preserve_kl"]
     assert kl > 1e-3
+    with torch.no_grad():  # the KL over the answers' positions, from the grafted model's logits at every position
+        opened_state = graft.write_hidden(hidden, mask).select(range(3))
+        full = graft(extra["preserve_ids"], opened_state, attention_mask=extra["preserve_mask"]).logits.float()
+        answer = extra["preserve_answer"]
+        by_hand = torch.nn.functional.kl_div(torch.log_softmax(full[answer], -1), torch.log_softmax(extra["preserve_logits"][answer], -1),
+                                             log_target=True, reduction="batchmean")
+    torch.testing.assert_close(kl, by_hand, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(opened.loss, TwoTurn(graft)(hidden, mask, **batch).loss + 0.5 * kl)
     optimizer = torch.optim.SGD(graft.trainable_parameters(), lr=0.5)
     for _ in range(5):

@@ -60,10 +60,14 @@ class PreserveLoss(Objective):
         return {"preserve_ids": ids, "preserve_mask": mask, "preserve_answer": answer, "preserve_logits": bare}
 
     def forward(self, graft, hidden, hidden_mask, batch):
-        ids = batch["preserve_ids"]
+        ids, answer = batch["preserve_ids"], batch["preserve_answer"]
         state = batch["state"].select(range(ids.shape[0]))
-        logits = graft(ids, state, attention_mask=batch["preserve_mask"]).logits.float()
-        answer = batch["preserve_answer"]
-        kl = F.kl_div(torch.log_softmax(logits[answer], -1), torch.log_softmax(batch["preserve_logits"][answer], -1),
+        # labels on the answer make the graft compute logits only where they are compared (the answers end the rows)
+        labels = torch.full_like(ids, -100)
+        labels[:, 1:] = torch.where(answer[:, :-1], ids[:, 1:], -100)
+        logits = graft(ids, state, attention_mask=batch["preserve_mask"], labels=labels).logits.float()
+        keep = logits.shape[1]
+        answer, bare = answer[:, -keep:], batch["preserve_logits"][:, -keep:]
+        kl = F.kl_div(torch.log_softmax(logits[answer], -1), torch.log_softmax(bare[answer], -1),
                       log_target=True, reduction="batchmean")
         return kl, {"preserve_kl": kl}

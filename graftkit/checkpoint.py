@@ -16,6 +16,7 @@ import json
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +70,7 @@ def save_graft_tensors(graft, path) -> None:
 def mark_best(root: Path, checkpoint: Path, accuracy: float) -> None:
     """Copy checkpoint's graft tensors to a new `best-STEP/` folder, then point `best.json` at it, then remove
     the previous one: a crash at any moment leaves `best.json` naming a complete folder."""
-    step = json.loads((checkpoint / "trainer.json").read_text())["step"]
+    step = read_json(checkpoint / "trainer.json")["step"]
     final, tmp = root / f"best-{step:06d}", root / f".best-{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -95,17 +96,49 @@ def best_marked(root: Path) -> int | None:
         return None
 
 
+def read_json(path: Path) -> dict:
+    """A JSON object a run wrote (trainer.json, latest.json, best.json); missing or damaged is a GraftkitError naming it."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise GraftkitError(f"{path}: missing") from None
+    except (OSError, ValueError) as exc:
+        raise GraftkitError(f"{path}: damaged ({exc})") from None
+    if not isinstance(value, dict):
+        raise GraftkitError(f"{path}: damaged (not a JSON object)")
+    return value
+
+
+def complete(checkpoint: Path) -> bool:
+    """Whether a checkpoint folder holds its graft tensors and a readable trainer.json."""
+    try:
+        return (checkpoint / "graft.safetensors").is_file() and isinstance(read_json(checkpoint / "trainer.json").get("step"), int)
+    except GraftkitError:
+        return False
+
+
 def resolve_checkpoint(run_dir: Path, which: str = "best") -> Path:
-    """The directory of checkpoint `which`: 'best', 'last', a step number, or a checkpoint folder's name."""
+    """The directory of checkpoint `which`: 'best', 'last', a step number, or a checkpoint folder's name.
+
+    When `latest.json` or `best.json` is missing or damaged, or names a folder that is gone, the newest complete
+    folder of that kind is used instead (with a warning naming the pointer)."""
     root = Path(run_dir) / "checkpoints"
     if which in ("best", "last", "latest"):
-        pointer = root / ("best.json" if which == "best" else "latest.json")
-        if not pointer.is_file():
-            if which == "best" and (root / "latest.json").is_file():
-                pointer = root / "latest.json"
-            else:
-                raise GraftkitError(f"{run_dir}: no {which} checkpoint (is this a graftkit run directory?)")
-        return root / json.loads(pointer.read_text())["path"]
+        kind = "best" if which == "best" else "latest"
+        pointer = root / f"{kind}.json"
+        try:
+            target = root / str(read_json(pointer)["path"])
+            if complete(target):
+                return target
+            problem = f"names {target.name}, which is missing or incomplete"
+        except (GraftkitError, KeyError) as exc:
+            problem = "is missing" if not pointer.exists() else f"is damaged ({exc})"
+        found = newest_complete(root, "best-*" if kind == "best" else "step-*") or (newest_complete(root, "step-*") if kind == "best" else None)
+        if found is None:
+            raise GraftkitError(f"{run_dir}: no {which} checkpoint (is this a graftkit run directory?)")
+        if pointer.exists() or kind == "latest":
+            warnings.warn(f"{pointer} {problem}; using {found.name}", CheckpointWarning, stacklevel=2)
+        return found
     step = which[len("step-") :] if which.startswith("step-") else which  # a checkpoint folder's own name
     if not step.isdigit():
         raise GraftkitError(f"--checkpoint: expected best, last or a step number, got {which!r}")
@@ -113,6 +146,20 @@ def resolve_checkpoint(run_dir: Path, which: str = "best") -> Path:
     if not path.is_dir():
         raise GraftkitError(f"{run_dir}: no checkpoint for step {which}")
     return path
+
+
+def newest_complete(root: Path, pattern: str) -> Path | None:
+    """The complete checkpoint folder matching `pattern` with the highest step, or None."""
+    folders = sorted((p for p in root.glob(pattern) if p.is_dir() and not p.name.startswith(".")), reverse=True)
+    return next((p for p in folders if complete(p)), None)
+
+
+class DamagedCheckpoint(GraftkitError):
+    """A file of a checkpoint folder is missing or cannot be read."""
+
+
+class CheckpointWarning(UserWarning):
+    """A run's checkpoint pointer was missing or damaged and another checkpoint was used."""
 
 
 def load_run(run_dir, which: str = "best", backbone=None, overrides=()):
@@ -141,7 +188,7 @@ def load_graft_tensors(graft, checkpoint: Path) -> dict:
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as exc:
-        raise GraftkitError(f"{path}: damaged or missing graft checkpoint ({exc})") from None
+        raise DamagedCheckpoint(f"{path}: damaged or missing graft checkpoint ({exc})") from None
     try:
         missing, unexpected = graft.load_state_dict(tensors, strict=False)
     except RuntimeError as exc:  # shapes differ: another configuration
@@ -152,7 +199,10 @@ def load_graft_tensors(graft, checkpoint: Path) -> dict:
             f"{path}: does not fit this graft (missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}); "
             "was it trained with another recipe?"
         )
-    return json.loads((Path(checkpoint) / "trainer.json").read_text())
+    try:
+        return read_json(Path(checkpoint) / "trainer.json")
+    except GraftkitError as exc:
+        raise DamagedCheckpoint(str(exc)) from None
 
 
 def initial_tensors_file(path) -> Path:
@@ -199,7 +249,8 @@ def load_initial_tensors(graft, path) -> tuple[Path, list[str]]:
 
 
 def load_checkpoint(checkpoint: Path, graft, optimizer, scheduler, kept: dict | None = None) -> dict:
-    """Restore everything `save_checkpoint` wrote (with the same `kept` modules); returns trainer.json."""
+    """Restore everything `save_checkpoint` wrote (with the same `kept` modules); returns trainer.json.
+    A missing or damaged file is a GraftkitError naming it."""
     info = load_graft_tensors(graft, checkpoint)
     for name, module in (kept or {}).items():
         path = Path(checkpoint) / f"{name}.safetensors"
@@ -209,19 +260,39 @@ def load_checkpoint(checkpoint: Path, graft, optimizer, scheduler, kept: dict | 
             module.load_state_dict(load_file(str(path)))
         except (RuntimeError, SafetensorError) as exc:  # e.g. a head over other answers: the data changed since
             raise GraftkitError(f"--resume: {path} does not fit this run ({str(exc).splitlines()[0]})") from None
-    opt = _unflatten_optimizer(load_file(str(checkpoint / "optimizer.safetensors")), info["optimizer"])
-    optimizer.load_state_dict(opt)
-    scheduler.load_state_dict(info["scheduler"])
-    rng = load_file(str(checkpoint / "rng.safetensors"))
-    torch.set_rng_state(rng["torch"])
-    if torch.cuda.is_available():
-        cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda."))]
-        if cuda:
-            torch.cuda.set_rng_state_all(cuda)
-    random.setstate(_tupled(info["python_rng"]))
-    state = info["numpy_rng"]
-    np.random.set_state((state[0], np.array(state[1], dtype=np.uint32), *state[2:]))
+    path = checkpoint / "optimizer.safetensors"
+    try:
+        optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path)), info["optimizer"]))
+        path = checkpoint / "trainer.json"
+        scheduler.load_state_dict(info["scheduler"])
+        path = checkpoint / "rng.safetensors"
+        rng = load_file(str(path))
+        torch.set_rng_state(rng["torch"])
+        if torch.cuda.is_available():
+            cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda."))]
+            if cuda:
+                torch.cuda.set_rng_state_all(cuda)
+        path = checkpoint / "trainer.json"
+        random.setstate(_tupled(info["python_rng"]))
+        state = info["numpy_rng"]
+        np.random.set_state((state[0], np.array(state[1], dtype=np.uint32), *state[2:]))
+    except (SafetensorError, OSError, KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
+        raise DamagedCheckpoint(f"{path}: damaged or missing ({type(exc).__name__}: {exc})") from None
     return info
+
+
+def load_newest(run_dir: Path, graft, optimizer, scheduler, kept: dict | None = None) -> tuple[Path, dict]:
+    """(folder, trainer.json) of the newest checkpoint that loads whole (`load_checkpoint`): one with a damaged
+    or missing file is passed over, with a warning, for the one before it."""
+    last = resolve_checkpoint(run_dir, "last")
+    earlier = sorted((p for p in last.parent.glob("step-*") if p.is_dir() and p.name < last.name), reverse=True)
+    for candidate in earlier:
+        try:
+            return last, load_checkpoint(last, graft, optimizer, scheduler, kept)
+        except DamagedCheckpoint as exc:
+            warnings.warn(f"{exc}; resuming from {candidate.name}, the checkpoint before it", CheckpointWarning, stacklevel=2)
+            last = candidate
+    return last, load_checkpoint(last, graft, optimizer, scheduler, kept)
 
 
 def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:

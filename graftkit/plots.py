@@ -6,13 +6,26 @@ import json
 from pathlib import Path
 
 
+def metric_lines(path: Path) -> list[tuple[str, dict]]:
+    """(line, object) of each line of metrics.jsonl that is a whole JSON object: a line torn by a crash is skipped."""
+    out = []
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            out.append((line, row))
+    return out
+
+
 def plot_metrics(metrics_path: Path, out_dir: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lines = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    lines = [row for _, row in metric_lines(metrics_path)]
     train = [r for r in lines if "loss" in r]
     evals = [r for r in lines if "eval" in r]
     written = []

@@ -13,10 +13,12 @@ Legend: b batch, n tokens, d hidden size.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Sequence
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from graftkit.backbones.sources import cache_dir
@@ -117,6 +119,17 @@ class HiddenCache:
                     self._store(sample, hidden)
                 pbar.update(len(chunk))
 
+    def _load(self, sample) -> torch.Tensor:
+        """A stored entry; one that cannot be read (a truncated file) is computed again and replaced, with a warning."""
+        path = self.path(sample)
+        try:
+            return load_file(str(path))["hidden"]
+        except (SafetensorError, OSError, KeyError) as exc:
+            warnings.warn(f"{path}: damaged hidden-state cache entry ({exc}); computing it again", stacklevel=3)
+        hidden = self.compute([sample])[0]
+        self._store(sample, hidden)
+        return hidden.cpu()
+
     def _store(self, sample, hidden: torch.Tensor) -> None:
         target = self.path(sample)
         tmp = target.with_name(target.name + f".tmp{os.getpid()}")
@@ -131,7 +144,7 @@ class HiddenCache:
             missing = list({s.context_uid: s for s in samples if not self.has(s)}.values())
             for sample, hidden in zip(missing, self.compute(missing) if missing else []):
                 self._store(sample, hidden)
-            rows = [load_file(str(self.path(s)))["hidden"] for s in samples]
+            rows = [self._load(s) for s in samples]
         device = self.graft.backbone.device
         width = max(1, max(r.shape[0] for r in rows))
         hidden = torch.zeros(len(rows), width, rows[0].shape[-1], device=device)

@@ -27,14 +27,14 @@ from graftkit.api import build_graft, load_backbone
 from graftkit.checkpoint import (
     best_marked,
     initial_tensors_file,
-    load_checkpoint,
     load_initial_tensors,
+    load_newest,
     mark_best,
-    resolve_checkpoint,
     save_checkpoint,
 )
 from graftkit.data.tasks import length_label
 from graftkit.errors import GraftkitError
+from graftkit.plots import metric_lines
 from graftkit.progress import bar, status
 from graftkit.protocol import HiddenCache, turn2_batch
 from graftkit.objectives import Objective, build_objectives
@@ -221,8 +221,7 @@ def _train(recipe: Recipe, resume: bool, progress: bool, resolved: dict) -> Trai
 
     start, best = 0, {"accuracy": -1.0, "step": 0}
     if resume:
-        last = resolve_checkpoint(run_dir, "last")
-        info = load_checkpoint(last, graft, optimizer, scheduler, kept)
+        last, info = load_newest(run_dir, graft, optimizer, scheduler, kept)
         start, best = info["step"], info.get("best", best)
         if best["step"] == start and best_marked(ckpt_root) != start:  # stopped between the checkpoint and its best copy
             mark_best(ckpt_root, last, best["accuracy"])
@@ -352,7 +351,7 @@ class Metrics:
         self.path = path
         kept = []
         if resume_from is not None and path.is_file():  # drop lines logged after the checkpoint resumed from
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= resume_from]
+            kept = [line for line, row in metric_lines(path) if row.get("step", 0) <= resume_from]
         path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, **fields) -> None:

@@ -109,6 +109,19 @@ def test_cached_and_uncached_training_steps_give_the_same_loss(graft, tmp_path):
     assert losses[0].requires_grad
 
 
+def test_a_truncated_cache_entry_is_computed_again_with_a_warning(graft, tmp_path):
+    items = babilong_examples("qa1", "train", "0k", 2, seed=0, tokenizer=graft.backbone.tokenizer)
+    cache = HiddenCache(graft, tmp_path / "hidden")
+    cache.fill(items, progress=False)
+    good, _ = cache.get(items)
+    entry = cache.path(items[0])
+    entry.write_bytes(entry.read_bytes()[:50])
+    with pytest.warns(UserWarning, match=f"{entry.name}: damaged hidden-state cache entry"):
+        again, _ = cache.get(items)
+    torch.testing.assert_close(again, good)
+    cache.get(items)  # replaced: read without a warning
+
+
 def test_training_loss_scores_only_the_answer(graft):
     items = samples(graft.backbone, n=2)
     batch = turn2_batch(graft.backbone, items, with_answers=True)

@@ -102,6 +102,54 @@ def test_resume_after_a_crash_gives_the_same_run(tmp_path, monkeypatch):
     assert steps == [1, 2, 3, 4]  # no step logged twice
 
 
+def test_resume_passes_over_damaged_run_files_to_the_intact_checkpoint_before(tmp_path):
+    """latest.json garbage, the newest checkpoint's optimizer file truncated, metrics.jsonl's last line torn: --resume
+    warns, goes on from the checkpoint before, and ends where an undisturbed run ends."""
+    from graftkit.checkpoint import CheckpointWarning
+
+    straight = train(recipe(tmp_path, "straight"), progress=False).run_dir
+    damaged = train(recipe(tmp_path, "damaged"), progress=False).run_dir
+    root = damaged / "checkpoints"
+    (root / "latest.json").write_text("{not json")
+    optimizer = root / "step-000004" / "optimizer.safetensors"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])
+    with (damaged / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "lo')
+    with pytest.warns(CheckpointWarning) as record:
+        assert resolve_checkpoint(damaged, "last").name == "step-000004"
+        train(recipe(tmp_path, "damaged"), resume=True, progress=False)
+    messages = "\n".join(str(w.message) for w in record)
+    assert "latest.json is damaged" in messages and "optimizer.safetensors: damaged or missing" in messages
+    assert "resuming from step-000002" in messages
+    a = load_file(str(straight / "checkpoints" / "step-000004" / "graft.safetensors"))
+    b = load_file(str(root / "step-000004" / "graft.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+    steps = [json.loads(line)["step"] for line in (damaged / "metrics.jsonl").read_text().splitlines() if "loss" in line]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_a_damaged_pointer_or_best_copy_falls_back_and_a_damaged_asked_for_checkpoint_is_named(tmp_path, capsys):
+    from graftkit.checkpoint import CheckpointWarning
+
+    run = train(recipe(tmp_path, steps=2, eval_every=2), progress=False).run_dir
+    root = run / "checkpoints"
+    best = resolve_checkpoint(run, "best")
+    (root / "best.json").write_text("[1, 2")
+    with pytest.warns(CheckpointWarning, match="best.json is damaged"):
+        assert resolve_checkpoint(run, "best") == best  # the newest complete best copy
+    (best / "trainer.json").write_text("[1, 2")
+    with pytest.warns(CheckpointWarning):
+        assert resolve_checkpoint(run, "best").name == "step-000002"  # no complete best copy: the newest checkpoint
+    with pytest.warns(CheckpointWarning):
+        assert main(["export", str(run), "--out", str(tmp_path / "export")]) == 0
+    (root / "step-000002" / "trainer.json").write_text("")
+    capsys.readouterr()
+    assert main(["export", str(run), "--out", str(tmp_path / "export2"), "--checkpoint", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "step-000002/trainer.json: damaged" in err and "Traceback" not in err, err
+
+
 def test_a_crash_while_the_best_checkpoint_is_copied_loses_nothing(tmp_path, monkeypatch):
     """Killed after a step's checkpoint records a new best but before its copy is in place: `best.json` still
     names a complete folder, and `--resume` copies the recorded best in before going on."""

@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="check a recipe without loading weights")
     p.add_argument("recipe")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="optional changes to the recipe, e.g. train.steps=100")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("plugins", help="list plugins and the components they register")
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a graft from a recipe")
     p.add_argument("recipe")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="optional changes to the recipe, e.g. train.steps=100")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
     p.set_defaults(func=cmd_train)
 

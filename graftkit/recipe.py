@@ -190,6 +190,8 @@ def load_recipe(path: str | Path, overrides: Iterable[str] = (), training: bool 
         raise RecipeError([("", f"malformed YAML{where}: {getattr(exc, 'problem', exc)}")], source=str(path)) from None
     except UnicodeDecodeError:
         raise RecipeError([("", "not a UTF-8 text file")], source=str(path)) from None
+    except RecursionError:
+        raise RecipeError([("", "nested too deeply to be a recipe")], source=str(path)) from None
     if not isinstance(raw, dict):
         raise RecipeError([("", "a recipe is a YAML mapping (key: value lines)")], source=str(path))
     return validate_recipe(raw, overrides, source=str(path), training=training)
@@ -332,6 +334,8 @@ def apply_override(raw: dict, item: str) -> list[tuple[str, str]]:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
         value = text  # not YAML: keep the literal string, the schema decides
+    except RecursionError:
+        return [(key, f"override {key}=...: the value is nested too deeply")]
     parts = key.split(".")
     node = raw
     for depth, part in enumerate(parts[:-1]):

@@ -177,6 +177,16 @@ def test_not_utf8_file(tmp_path, capsys):
     assert "not a UTF-8 text file" in err and str(path) in err
 
 
+def test_a_recipe_or_override_nested_too_deeply_is_a_message(tmp_path, capsys):
+    deep = "[" * 5000 + "]" * 5000
+    path = tmp_path / "deep.yaml"
+    path.write_text(f"schema_version: 1\nmemory: {deep}\n")
+    assert main(["validate", str(path)]) == 2
+    assert "nested too deeply to be a recipe" in capsys.readouterr().err
+    assert main(["validate", str(ROOT / "recipes" / "smollm2_linear_mid_layer.yaml"), f"train.steps={deep}"]) == 2
+    assert "train.steps: override train.steps=...: the value is nested too deeply" in capsys.readouterr().err
+
+
 def test_missing_file(tmp_path, capsys):
     path = tmp_path / "no_such_recipe.yaml"
     with pytest.raises(RecipeError, match="no_such_recipe.yaml"):

@@ -106,8 +106,9 @@ def draw_bucket(rng: np.random.Generator, keys: list, weights: list[float]):
     return keys[rng.integers(len(keys))]
 
 
-#: What a resumed run may change: how long it goes on and how often it logs and evaluates.
-RESUMABLE = {"train.steps", "train.eval_every", "train.log_every"}
+#: What a resumed run may change: how long it goes on, how often it logs and evaluates, and its peak learning
+#: rate (to go on more gently after a divergence).
+RESUMABLE = {"train.steps", "train.eval_every", "train.log_every", "train.lr"}
 
 
 def check_resumable(run_dir: Path, resolved: dict) -> None:
@@ -123,6 +124,20 @@ def check_resumable(run_dir: Path, resolved: dict) -> None:
         shown = "; ".join(f"{k}: {was.get(k)!r} in the run, {now.get(k)!r} now" for k in changed[:4])
         raise GraftkitError(f"--resume: the recipe differs from the run's own ({shown}); a resumed run may change only "
                             f"{', '.join(sorted(RESUMABLE))} (resume with {path})")
+
+
+def set_learning_rate(optimizer, scheduler, lr: float) -> float | None:
+    """Make `lr` the peak rate of a restored optimizer and its schedule, from the current step on; returns the
+    peak rate it had, or None when it was `lr` already."""
+    inner = getattr(scheduler, "scheduler", scheduler)  # accelerate wraps the scheduler
+    was = inner.base_lrs[0]
+    if math.isclose(was, lr, rel_tol=1e-12):
+        return None
+    inner.base_lrs = [lr for _ in inner.base_lrs]
+    for group, rule in zip(optimizer.param_groups, inner.lr_lambdas):
+        group["initial_lr"] = lr
+        group["lr"] = lr * rule(inner.last_epoch)
+    return was
 
 
 def _saved_so_far(ckpt_root: Path) -> str:
@@ -225,7 +240,8 @@ def _train(recipe: Recipe, resume: bool, progress: bool, resolved: dict) -> Trai
         start, best = info["step"], info.get("best", best)
         if best["step"] == start and best_marked(ckpt_root) != start:  # stopped between the checkpoint and its best copy
             mark_best(ckpt_root, last, best["accuracy"])
-        print(f"resuming {run_dir} from step {start}")
+        was = set_learning_rate(optimizer, scheduler, cfg.lr)
+        print(f"resuming {run_dir} from step {start}" + (f" with learning rate {cfg.lr:g} (was {was:g})" if was is not None else ""))
         metrics = Metrics(run_dir / "metrics.jsonl", resume_from=start)
     keys, weights = sorted(train_buckets), [c.weight for c in recipe.task_configs()]
     rank = accelerator.process_index

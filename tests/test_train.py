@@ -177,13 +177,32 @@ def test_resume_with_another_recipe_is_refused_and_the_run_keeps_its_own(tmp_pat
     run = recipe(tmp_path, "run", steps=2, eval_every=2)
     train(run, progress=False)
     saved = (tmp_path / "run" / "recipe.yaml").read_text()
-    changed = recipe(tmp_path, "run", steps=2, eval_every=2, lr=0.5)
-    with pytest.raises(GraftkitError, match=r"--resume: the recipe differs from the run's own \(train.lr: 0.001 in the run, 0.5 now\)"):
+    changed = recipe(tmp_path, "run", steps=2, eval_every=2, batch_size=3)
+    with pytest.raises(GraftkitError, match=r"--resume: the recipe differs from the run's own \(train.batch_size: 2 in the run, 3 now\)"):
         train(changed, resume=True, progress=False)
     assert (tmp_path / "run" / "recipe.yaml").read_text() == saved
     longer = recipe(tmp_path, "run", steps=3, eval_every=3)
     train(longer, resume=True, progress=False)  # going on for longer is what resuming is for
     assert "steps: 3" in (tmp_path / "run" / "recipe.yaml").read_text()
+
+
+def test_resume_with_a_lower_learning_rate_goes_on_at_that_rate(tmp_path, capsys):
+    """After a divergence a run is resumed more gently: the restored schedule is rescaled to the new peak rate."""
+    for name in ("run", "same"):
+        train(recipe(tmp_path, name, steps=2, eval_every=2), progress=False)
+    train(recipe(tmp_path, "same", steps=4, eval_every=2), resume=True, progress=False)
+    capsys.readouterr()
+    train(recipe(tmp_path, "run", steps=4, eval_every=2, lr=1e-4), resume=True, progress=False)
+    assert "with learning rate 0.0001 (was 0.001)" in capsys.readouterr().out
+
+    def rates(run):
+        return {row["step"]: row["lr"] for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "lr" in row}
+
+    resumed, full = rates(tmp_path / "run"), rates(tmp_path / "same")
+    assert resumed[2] == full[2]
+    for step in (3, 4):
+        assert resumed[step] == pytest.approx(full[step] / 10, rel=1e-6)
+    assert json.loads((tmp_path / "run" / "checkpoints" / "step-000004" / "trainer.json").read_text())["scheduler"]["base_lrs"] == [1e-4]
 
 
 def test_an_update_that_breaks_the_weights_stops_the_run_before_it_is_saved(tmp_path, monkeypatch):

@@ -22,9 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, safe_open, save_file
 
 from graftkit.errors import GraftkitError
+from graftkit.state import CHECKSUM, checksum
 
 FILES = ("graft.safetensors", "optimizer.safetensors", "rng.safetensors", "trainer.json")
 
@@ -38,13 +39,13 @@ def save_checkpoint(root: Path, step: int, graft, optimizer, scheduler, info: di
     save_graft_tensors(graft, tmp / "graft.safetensors")
     for name, module in (kept or {}).items():  # modules trained beside the graft but not part of it
         metadata = module.file_metadata() if hasattr(module, "file_metadata") else None
-        save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, str(tmp / f"{name}.safetensors"), metadata=metadata)
+        save_checked({k: v.detach().contiguous() for k, v in module.state_dict().items()}, tmp / f"{name}.safetensors", metadata)
     opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    save_checked(opt_tensors, tmp / "optimizer.safetensors")
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    save_file(rng, str(tmp / "rng.safetensors"))
+    save_checked(rng, tmp / "rng.safetensors")
     trainer = {
         "step": step,
         "optimizer": opt_meta,
@@ -62,9 +63,25 @@ def save_checkpoint(root: Path, step: int, graft, optimizer, scheduler, info: di
     return final
 
 
+def save_checked(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file whose metadata holds the sha256 of its tensors (`graftkit.state.checksum`)."""
+    save_file(tensors, str(path), metadata={**(metadata or {}), CHECKSUM: checksum(tensors)})
+
+
+def load_checked(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a file `save_checked` wrote; ValueError when they do not match its checksum (a file
+    without one, from an older graftkit, is read as it is)."""
+    with safe_open(str(path), framework="pt") as f:
+        recorded = (f.metadata() or {}).get(CHECKSUM)
+    tensors = load_file(str(path))
+    if recorded is not None and recorded != checksum(tensors):
+        raise ValueError("its tensors do not match the checksum written with them")
+    return tensors
+
+
 def save_graft_tensors(graft, path) -> None:
     """The graft's tensors (memory, injector, write statistics) as one safetensors file."""
-    save_file({k: v.contiguous().cpu() for k, v in graft.graft_state_dict().items()}, str(path))
+    save_checked({k: v.contiguous().cpu() for k, v in graft.graft_state_dict().items()}, Path(path))
 
 
 def mark_best(root: Path, checkpoint: Path, accuracy: float) -> None:
@@ -186,8 +203,8 @@ def load_run(run_dir, which: str = "best", backbone=None, overrides=()):
 def load_graft_tensors(graft, checkpoint: Path) -> dict:
     path = Path(checkpoint) / "graft.safetensors"
     try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError) as exc:
+        tensors = load_checked(path)
+    except (SafetensorError, OSError, ValueError) as exc:
         raise DamagedCheckpoint(f"{path}: damaged or missing graft checkpoint ({exc})") from None
     try:
         missing, unexpected = graft.load_state_dict(tensors, strict=False)
@@ -232,8 +249,8 @@ def load_initial_tensors(graft, path) -> tuple[Path, list[str]]:
     lacks keep their initialisation. Returns the file read and the names it lacked."""
     file = initial_tensors_file(path)
     try:
-        tensors = load_file(str(file))
-    except (SafetensorError, OSError) as exc:
+        tensors = load_checked(file)
+    except (SafetensorError, OSError, ValueError) as exc:
         raise GraftkitError(f"train.init_from: {file} is not a readable safetensors file ({exc})") from None
     own = graft.graft_state_dict()
     unknown = sorted(set(tensors) - set(own))
@@ -257,16 +274,20 @@ def load_checkpoint(checkpoint: Path, graft, optimizer, scheduler, kept: dict | 
         if not path.is_file():
             raise GraftkitError(f"--resume: {checkpoint} has no {path.name}; was the run started with other train settings?")
         try:
-            module.load_state_dict(load_file(str(path)))
-        except (RuntimeError, SafetensorError) as exc:  # e.g. a head over other answers: the data changed since
+            tensors = load_checked(path)
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise DamagedCheckpoint(f"{path}: damaged ({exc})") from None
+        try:
+            module.load_state_dict(tensors)
+        except RuntimeError as exc:  # e.g. a head over other answers: the data changed since
             raise GraftkitError(f"--resume: {path} does not fit this run ({str(exc).splitlines()[0]})") from None
     path = checkpoint / "optimizer.safetensors"
     try:
-        optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path)), info["optimizer"]))
+        optimizer.load_state_dict(_unflatten_optimizer(load_checked(path), info["optimizer"]))
         path = checkpoint / "trainer.json"
         scheduler.load_state_dict(info["scheduler"])
         path = checkpoint / "rng.safetensors"
-        rng = load_file(str(path))
+        rng = load_checked(path)
         torch.set_rng_state(rng["torch"])
         if torch.cuda.is_available():
             cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda."))]

@@ -186,7 +186,8 @@ def _train(recipe: Recipe, resume: bool, progress: bool, resolved: dict) -> Trai
     cfg = recipe.train
     run_dir = Path(recipe.output_dir)
     ckpt_root = run_dir / "checkpoints"
-    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    if not resume:  # a resumed run's recipe is rewritten once its checkpoint has loaded
+        (run_dir / "recipe.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
 
     accelerator = make_accelerator(cfg)
     with status(f"loading backbone {recipe.backbone.kind}:{recipe.backbone.options().get('source')}"):
@@ -237,6 +238,7 @@ def _train(recipe: Recipe, resume: bool, progress: bool, resolved: dict) -> Trai
     start, best = 0, {"accuracy": -1.0, "step": 0}
     if resume:
         last, info = load_newest(run_dir, graft, optimizer, scheduler, kept)
+        (run_dir / "recipe.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
         start, best = info["step"], info.get("best", best)
         if best["step"] == start and best_marked(ckpt_root) != start:  # stopped between the checkpoint and its best copy
             mark_best(ckpt_root, last, best["accuracy"])

@@ -136,6 +136,10 @@ class JsonlConfig(TaskConfig):
         path = Path(value).expanduser()
         if not path.is_file():
             raise ValueError(f"no such file: {value}")
+        try:
+            read_episodes(path)  # a damaged or malformed file is refused here, before a run folder is made
+        except JsonlError as exc:
+            raise ValueError(str(exc)) from None
         return str(path.resolve())  # a run's recipe.yaml then works from any folder
 
 

@@ -18,6 +18,8 @@ import pytest
 
 from graftkit.cli import main
 
+ROOT = Path(__file__).resolve().parents[1]
+
 RECIPE = {
     "schema_version": 1,
     "backbone": {"kind": "llama", "source": "tiny-random"},
@@ -30,7 +32,10 @@ RECIPE = {
 
 # -- damages ---------------------------------------------------------------------------------------------------
 def truncated(data: bytes) -> bytes:
-    return data[: len(data) // 2]
+    at = len(data) // 2
+    while at > 1 and b"\n" in data[at - 1 : at + 1]:  # mid-line: a text cut at a line end is just a shorter file
+        at -= 1
+    return data[:at]
 
 
 def empty(data: bytes) -> bytes:
@@ -69,6 +74,7 @@ EVAL = ["eval", "{run}", "--n", "1", "--rows", "graft", "--out", "{out}"]
 EXPORT_STEP = ["export", "{run}", "--checkpoint", "2", "--out", "{out}"]
 RESUME = ["train", "{run}/recipe.yaml", "train.steps=3", "--resume"]
 ASK = ["ask", "{export}", "--state", "{state}", "Where is Mary?", "--max-new-tokens", "2"]
+TRAIN_ON_OWN_DATA = ["train", "{folder}/own.yaml"]
 CORPUS = [
     ("run/recipe.yaml", TEXT, EVAL, "refused"),
     ("run/checkpoints/step-000002/graft.safetensors", BINARY, EXPORT_STEP, "refused"),
@@ -80,6 +86,7 @@ CORPUS = [
     ("export/graft_model.safetensors", BINARY, ASK, "refused"),
     ("export/graft_config.json", TEXT, ASK, "refused"),
     ("alice.safetensors", BINARY, ASK, "refused"),
+    ("data/my_episodes.jsonl", TEXT, TRAIN_ON_OWN_DATA, "refused"),
 ]
 CASES = [pytest.param(path, damage, command, outcome, id=f"{Path(path).name}-{damage.__name__}")
          for path, damages, command, outcome in CORPUS for damage in damages]
@@ -109,6 +116,10 @@ def case_folder(pristine: Path, tmp_path: Path) -> Path:
     shutil.copy2(pristine / "alice.safetensors", folder / "alice.safetensors")
     recipe = folder / "run" / "recipe.yaml"
     recipe.write_text(recipe.read_text().replace(str(pristine / "run"), str(folder / "run")))  # the copy is its own run
+    (folder / "data").mkdir()
+    shutil.copy2(ROOT / "examples" / "data" / "my_episodes.jsonl", folder / "data" / "my_episodes.jsonl")
+    own = {**RECIPE, "data": {"task": "jsonl", "train": str(folder / "data" / "my_episodes.jsonl")}, "output_dir": str(folder / "own-run")}
+    (folder / "own.yaml").write_text(json.dumps(own))  # JSON is YAML
     return folder
 
 
@@ -124,7 +135,8 @@ def test_a_damaged_file_is_named_and_nothing_is_lost(pristine, tmp_path, monkeyp
     target.write_bytes(damage(target.read_bytes()))
     before = contents(folder)
     out = tmp_path / "out"
-    argv = [a.format(run=folder / "run", export=folder / "export", state=folder / "alice.safetensors", out=out) for a in command]
+    argv = [a.format(run=folder / "run", export=folder / "export", state=folder / "alice.safetensors", out=out, folder=folder)
+            for a in command]
     capsys.readouterr()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -151,3 +163,29 @@ def test_the_corpus_covers_every_file_a_run_an_export_and_a_state_hold(pristine)
     assert written - covered - ignored == set()
     assert (pristine / "alice.safetensors").name in covered
     json.loads((pristine / "run" / "checkpoints" / "best.json").read_text())  # the pristine run is whole
+
+
+# -- paths that cannot be written: (argv with {blocked} a path under a plain file) ------------------------------------
+IMPOSSIBLE = [
+    ["train", "{recipe}", "output_dir={blocked}"],
+    ["eval", "{run}", "--n", "1", "--rows", "graft", "--out", "{blocked}"],
+    ["export", "{run}", "--out", "{blocked}"],
+    ["memorize", "{export}", "--state", "{blocked}/alice.safetensors", "{notes}"],
+]
+
+
+@pytest.mark.parametrize("command", IMPOSSIBLE, ids=lambda argv: argv[0])
+def test_a_path_that_cannot_be_written_is_a_message_before_any_work(pristine, tmp_path, monkeypatch, capsys, command):
+    monkeypatch.setenv("GRAFTKIT_CACHE", str(pristine / "cache"))
+    folder = case_folder(pristine, tmp_path)
+    (tmp_path / "a-file").write_text("mine")
+    blocked = tmp_path / "a-file" / "sub"
+    argv = [a.format(recipe=folder / "run" / "recipe.yaml", run=folder / "run", export=folder / "export", blocked=blocked,
+                     notes=pristine / "notes.txt") for a in command]
+    before = contents(folder)
+    capsys.readouterr()
+    assert main(argv) != 0
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and "a-file" in captured.err, captured.err
+    assert "training:" not in captured.err + captured.out  # refused before any step
+    assert contents(folder) == before and (tmp_path / "a-file").read_text() == "mine"

@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 from graftkit.cli import main
 
@@ -189,3 +190,77 @@ def test_a_path_that_cannot_be_written_is_a_message_before_any_work(pristine, tm
     assert "Traceback" not in captured.err and "a-file" in captured.err, captured.err
     assert "training:" not in captured.err + captured.out  # refused before any step
     assert contents(folder) == before and (tmp_path / "a-file").read_text() == "mine"
+
+
+# -- a kill at every phase of a checkpoint write ---------------------------------------------------------------------
+def _dies_at(name_start: str, nth: int):
+    """A stand-in that kills the process (KeyboardInterrupt, no cleanup of its own) the `nth` time its real
+    function is called on a path whose name starts with `name_start`."""
+    seen = {"n": 0}
+
+    def wrap(real):
+        def call(first, *args, **kwargs):
+            if Path(first).name.startswith(name_start):
+                seen["n"] += 1
+                if seen["n"] == nth:
+                    raise KeyboardInterrupt
+            return real(first, *args, **kwargs)
+
+        return call
+
+    return wrap
+
+
+def _names(root: Path, pointer: str) -> str:
+    return json.loads((root / pointer).read_text())["path"]
+
+
+PHASES = {  # phase -> (function graftkit.checkpoint calls, on which path, which call dies, what the kill left)
+    "step folder written, not yet renamed": ("os.replace", ".step-", 2, lambda root: (root / ".step-000004.tmp").is_dir()),
+    "step folder renamed, latest.json not yet updated": (
+        "_point", "latest.json", 2, lambda root: (root / "step-000004").is_dir() and _names(root, "latest.json") == "step-000002"),
+    "best copy written, not yet renamed": ("os.replace", ".best-", 2, lambda root: (root / ".best-000004.tmp").is_dir()),
+    "best copy renamed, best.json not yet updated": (
+        "_point", "best.json", 2, lambda root: (root / "best-000004").is_dir() and _names(root, "best.json") == "best-000002"),
+    "best.json updated, the old copy not yet removed": (
+        "shutil.rmtree", "best-", 3, lambda root: (root / "best-000002").is_dir() and _names(root, "best.json") == "best-000004"),
+    "old steps being pruned": (
+        "shutil.rmtree", "step-", 1, lambda root: (root / "step-000002").is_dir() and _names(root, "latest.json") == "step-000006"),
+}
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_a_kill_at_any_phase_of_a_checkpoint_write_loses_nothing(pristine, tmp_path, monkeypatch, phase):
+    """Killed while a checkpoint is written (an earlier one complete, and its best copy): the best checkpoint
+    stays loadable, and --resume ends bit-exact with the uninterrupted run."""
+    import graftkit.checkpoint as checkpoint
+    from safetensors.torch import load_file
+
+    import graftkit.train
+
+    monkeypatch.setenv("GRAFTKIT_CACHE", str(pristine / "cache"))
+    rising = iter(range(1, 100))  # every evaluation is a new best, so each checkpoint replaces the best copy
+    monkeypatch.setattr(graftkit.train, "evaluate_buckets", lambda graft, tasks, buckets, *rest: {b: next(rising) / 100 for b in buckets})
+    recipe = dict(RECIPE, train={**RECIPE["train"], "steps": 6, "eval_every": 2})
+    paths = {}
+    for name in ("straight", "killed"):
+        paths[name] = tmp_path / f"{name}.yaml"
+        paths[name].write_text(json.dumps({**recipe, "output_dir": str(tmp_path / name)}))
+    assert main(["train", str(paths["straight"])]) == 0
+    target, start, nth, left = PHASES[phase]
+    owner, attribute = (checkpoint.os, "replace") if target == "os.replace" else (
+        (checkpoint.shutil, "rmtree") if target == "shutil.rmtree" else (checkpoint, target))
+    with monkeypatch.context() as patch:
+        patch.setattr(owner, attribute, _dies_at(start, nth)(getattr(owner, attribute)))
+        assert main(["train", str(paths["killed"])]) == 130  # interrupted
+    run = tmp_path / "killed"
+    assert left(run / "checkpoints")  # killed where the phase says
+    best = checkpoint.resolve_checkpoint(run, "best")
+    assert checkpoint.complete(best)
+    assert main(["export", str(run), "--out", str(tmp_path / "export-after-kill")]) == 0
+    assert main(["train", str(paths["killed"]), "--resume"]) == 0
+    a = load_file(str(tmp_path / "straight" / "checkpoints" / "step-000006" / "graft.safetensors"))
+    b = load_file(str(run / "checkpoints" / "step-000006" / "graft.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert checkpoint.complete(checkpoint.resolve_checkpoint(run, "best"))
+    assert [p.name for p in (run / "checkpoints").glob("best-*") if p.is_dir()] == [checkpoint.resolve_checkpoint(run, "best").name]

@@ -1,10 +1,15 @@
 """Copy from memory: a position's next-token logits are raised for the token its memory read holds.
 
-A forward hook on decoder layer `layer` queries the memory twice at every position, with a projection
-of its RMS-normed hidden state (what the question asks) and with a projection of its input embedding
-(starting as the embedding itself: where the current token was written, so what followed it there), and
-mixes the reads of the positions up to it (`ReadPool`): an answer's first token can come from what a
-question word recalled, and each next one from where the previous one was written. A hook on the LM head then adds to each position's logits
+A forward hook on decoder layer `layer` queries the memory twice at every position: with a projection
+of its RMS-normed hidden state (what the question asks; with `window`, plus a learned mix of the input
+embeddings of the last few tokens), and with a projection of its input embedding (starting as the
+embedding itself: where the current token was written, so what followed it there). Each query gives a
+distribution over the memory's slots; `ReadPool` mixes, at each position, the distributions of the
+positions up to it. A position then either takes that mix or goes on copying: with a learned
+probability g (from its hidden state) its distribution is the previous position's moved one slot on in
+write order, the token written after the one just copied, so a value is copied whole from one match,
+repeated tokens included. What the mix leaves to the empty slot reads a learned `abstain` vector (what
+to say when nothing was told). A hook on the LM head then adds to each position's logits
 
     gate · boost · s,    s_y = (r · G⁻¹ e_y) / (e_y · G⁻¹ e_y),    G = Eᵀ E,
 
@@ -31,8 +36,11 @@ from einops import rearrange
 from pydantic import Field
 from torch import nn
 
+from graftkit.errors import GraftkitError
 from graftkit.injector import Injector, InjectorConfig, hook_output, state_dtype
 from graftkit.injectors.xattn import Recall, check_layer
+
+FOLLOW_INIT = -2.0  # at first a position goes on copying the previous one's next token with probability σ(−2) ≈ 0.12
 
 
 class CopyInjector(Injector):
@@ -48,6 +56,14 @@ class CopyInjector(Injector):
         )
         boost: float = Field(
             50.0, gt=0.0, le=1000.0, description="Largest raise, in logits, of a token the read holds entirely (gate 1)."
+        )
+        window: int = Field(
+            8,
+            ge=0,
+            le=64,
+            description="The question query adds a learned mix of the input embeddings of the last `window` tokens "
+            "(their mean at first): the words a fact was told with, names never seen in training included, find the "
+            "tokens they were written next to. 0 = off.",
         )
         gate_init: float = Field(
             0.0,
@@ -67,7 +83,14 @@ class CopyInjector(Injector):
         # token finds where the current token was written, and reads what followed it (the rest of a value)
         self.to_token_query = nn.Linear(hidden_size, hidden_size, bias=False)
         nn.init.eye_(self.to_token_query.weight)
+        if config.window:
+            self.window = nn.Parameter(torch.full((config.window, hidden_size), 1.0 / config.window))  # row j: j tokens back
+            self.to_window_query = nn.Linear(hidden_size, hidden_size, bias=False)
+            nn.init.eye_(self.to_window_query.weight)
         self.pool = ReadPool(hidden_size, kinds=2)
+        self.follow = nn.Linear(hidden_size, 1)  # g: whether a position goes on copying from the previous one
+        self.carried: torch.Tensor | None = None  # the previous position's slot distribution, in write order (b s)
+        self.abstain = nn.Parameter(torch.zeros(hidden_size))  # the read where the question matches nothing
         self.tokens: torch.Tensor | None = None  # input embeddings (b n d) of the positions this block has seen
         self.gate = nn.Linear(hidden_size, 1)
         self.stop = nn.Linear(2 * hidden_size, 1)  # the end-of-turn raise: from the final state and the read
@@ -76,6 +99,8 @@ class CopyInjector(Injector):
             self.gate.bias.fill_(config.gate_init)
             self.stop.weight.zero_()
             self.stop.bias.zero_()
+            self.follow.weight.zero_()
+            self.follow.bias.fill_(FOLLOW_INIT)
         self.eos: int | None = None
         self.pooled: torch.Tensor | None = None
         # derived from the backbone when attached (not graft tensors): G⁻¹ (d d) and the leverages e_y·G⁻¹e_y (V)
@@ -102,10 +127,16 @@ class CopyInjector(Injector):
         self.hook(backbone.model.get_output_embeddings(), self._on_logits)
 
     def prepare(self, memory, state) -> Recall:
+        if not hasattr(memory, "in_write_order") or getattr(memory.config, "values", None) != "input":
+            raise GraftkitError(f"injector.kind copy: needs memory.kind episodic with values: input, not a {memory.name} memory"
+                                + (" with values: projected" if memory.name == "episodic" else ""))
         self.pool.reset()
         self.tokens = None
+        self.carried = None
         keep = (~state.is_empty).float().to(self.code.device)
-        return Recall(tokens=torch.zeros(state.batch_size, 0, self.hidden_size, device=keep.device), keep=keep, memory=memory, state=state)
+        order, values = memory.in_write_order(state)
+        return Recall(tokens=torch.zeros(state.batch_size, 0, self.hidden_size, device=keep.device), keep=keep, memory=memory,
+                      state=state, kv={"order": order, "values": values.float()})
 
     def prepare_inputs(self, embeds: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.pool.mask = attention_mask.bool()
@@ -123,13 +154,50 @@ class CopyInjector(Injector):
         if recall is None:
             return None
         hidden = hook_output(output)[0].float()
+        n = hidden.shape[1]
         dtype = state_dtype(recall.state)
-        query = self.to_query(F.rms_norm(hidden, hidden.shape[-1:], eps=1e-6)).to(dtype)
-        token_query = self.to_token_query(self.tokens[:, -hidden.shape[1] :].float()).to(dtype)
-        self.reads = recall.memory.read(query, recall.state).float()
-        own = recall.memory.read(token_query, recall.state).float()
-        self.pooled = self.pool(hidden, torch.stack([self.reads, own], dim=2))
+        query = self.to_query(F.rms_norm(hidden, hidden.shape[-1:], eps=1e-6))
+        if self.config.window:
+            mixed = self.window_mix(self.tokens)[:, -n:]
+            query = query + self.to_window_query(F.rms_norm(mixed, mixed.shape[-1:], eps=1e-6))
+        token_query = self.to_token_query(self.tokens[:, -n:].float())
+        order = recall.kv["order"]  # b s: the slot at each place in write order
+        dists = [recall.memory.attend(q.to(dtype), recall.state).float().mean(1).gather(-1, order[:, None].expand(-1, n, -1))
+                 for q in (query, token_query)]  # b n s each, in write order
+        mixed = self.pool(hidden, torch.stack(dists, dim=2))  # b n s
+        follow = torch.sigmoid(self.follow(F.rms_norm(hidden, hidden.shape[-1:], eps=1e-6)))  # b n 1
+        taken = self.carry(mixed, follow)
+        unmatched = (1.0 - mixed.sum(-1, keepdim=True)).clamp(min=0.0) * (1.0 - follow)
+        self.pooled = torch.matmul(taken, recall.kv["values"]) + unmatched * recall.keep[:, None, None] * self.abstain
+        self.reads = self.pooled
         return None
+
+    def carry(self, mixed: torch.Tensor, follow: torch.Tensor) -> torch.Tensor:
+        """Slot distributions (b n s, write order) taken at each position: (1 − g) · the pooled one + g · the
+        previous position's moved one slot on. A call with several positions starts over; one position (a
+        cached generation step) goes on from the last."""
+        previous = self.carried if mixed.shape[1] == 1 and self.carried is not None else torch.zeros_like(mixed[:, 0])
+        taken = []
+        for t in range(mixed.shape[1]):
+            moved = F.pad(previous, (1, 0))[:, :-1]  # the mass of each slot on the slot written after it
+            previous = (1.0 - follow[:, t]) * mixed[:, t] + follow[:, t] * moved
+            taken.append(previous)
+        self.carried = previous
+        return torch.stack(taken, dim=1)
+
+    def window_mix(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Each position's learned mix (b n d) of the input embeddings of the last `window` positions up to it
+        (padding, per the prepared mask, counts as zeros)."""
+        x = tokens.float()
+        mask = self.pool.mask
+        if mask is not None:
+            seen = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+            width = min(mask.shape[1], x.shape[1])
+            seen[:, :width] = mask[:, :width].to(x.device)
+            x = x * seen[..., None]
+        span = self.window.shape[0]
+        windows = F.pad(x, (0, 0, span - 1, 0)).unfold(1, span, 1)  # b n d span (oldest first)
+        return torch.einsum("bnds,sd->bnd", windows, self.window.flip(0))
 
     def scores(self, reads: torch.Tensor) -> torch.Tensor:
         """s (… V): how much of each vocabulary token the reads (… d, input-embedding space) hold."""
@@ -152,14 +220,14 @@ class CopyInjector(Injector):
 
 
 class ReadPool(nn.Module):
-    """Causal attention (one head) of each position over the memory reads of the positions up to it.
+    """Causal attention (one head) of each position over what the positions up to it read.
 
-    A position may bring several reads (b n c d, c kinds of query); the key of a read is a projection of the
-    RMS-normed hidden state of its position plus a learned vector per kind (zero at initialisation). Padding
-    (the `mask` the injector saw in `prepare_inputs`) is never attended to. Within one reading block it keeps
-    the keys and reads of the positions it has seen, so a cached generation step (one new position) attends
-    to the whole question; a call with several positions (a prefill, or an uncached step that recomputes
-    everything) starts over.
+    A position brings several reads (b n c r: c kinds of query, each a vector of width r, e.g. a distribution
+    over memory slots); the key of a read is a projection of the RMS-normed hidden state of its position plus a
+    learned vector per kind (zero at initialisation). Padding (the `mask` the injector saw in `prepare_inputs`)
+    is never attended to. Within one reading block it keeps the keys and reads of the positions it has seen, so
+    a cached generation step (one new position) attends to the whole question; a call with several positions (a
+    prefill, or an uncached step that recomputes everything) starts over.
     """
 
     def __init__(self, dim: int, kinds: int = 1, width: int = 64):
@@ -172,10 +240,10 @@ class ReadPool(nn.Module):
 
     def reset(self) -> None:
         self.mask: torch.Tensor | None = None
-        self.past: tuple[torch.Tensor, torch.Tensor] | None = None  # keys (b n c w), reads (b n c d) seen so far
+        self.past: tuple[torch.Tensor, torch.Tensor] | None = None  # keys (b n c w), reads (b n c r) seen so far
 
     def forward(self, hidden: torch.Tensor, reads: torch.Tensor) -> torch.Tensor:
-        """Pooled reads (b n d) for the call's positions (`hidden` b n d, `reads` b n c d)."""
+        """Pooled reads (b n r) for the call's positions (`hidden` b n d, `reads` b n c r)."""
         x = self.norm(hidden.float())
         q = self.to_q(x)
         k = self.to_k(x)[:, :, None] + self.kind  # b n c w

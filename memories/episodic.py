@@ -5,10 +5,12 @@ value. The memory holds at most `slots` tokens: a write keeps the `slots` strong
 and the tokens written (on equal strength, the later one). Reading: per head, each query attends over
 the kept tokens with logits
 
-    τ · q̂·k̂_s + log β_s
+    τ · q̂·k̂_s + log β_s + λ · (o_s − o_newest) / 1024
 
-and over one empty slot (logit `null`, value 0), so a query that matches nothing reads close to nothing;
-the heads' reads are merged and projected to d. Unlike a matrix memory, a read returns a stored value
+(o_s: when token s was written, counted in tokens; λ per head, learned from 0, lets the latest of several
+matching tokens win) and over one empty slot (logit `null`, value 0), so a query that matches nothing
+reads close to nothing; the heads' reads are merged and projected to d. `in_write_order` gives the slots in
+the order they were written, so an injector can go on from a matched token to the ones written after it. Unlike a matrix memory, a read returns a stored value
 nearly exactly when one key matches, however many others are held: with `value_offset` 1 it returns the
 token that followed the matching one, which lets a graft copy names, numbers and places it never saw in
 training.
@@ -27,11 +29,13 @@ from einops import rearrange
 from pydantic import Field
 from torch import nn
 
+from graftkit.errors import GraftkitError
 from graftkit.memory import KEY_SPAN_HELP, VALUE_OFFSET_HELP, KeyMix, Memory, MemoryConfig, look_ahead, without_last_written
 from graftkit.state import MemoryState
 
 # At init: β = σ(0) = 0.5 for every token, read temperature τ = 8 on cosine logits, empty-slot logit 0.
 BETA_BIAS, TEMPERATURE, NULL_LOGIT = 0.0, 8.0, 0.0
+RECENCY_SCALE = 1024.0  # tokens per unit of the recency term
 
 
 class EpisodicMemory(Memory):
@@ -64,6 +68,7 @@ class EpisodicMemory(Memory):
         self.to_out = nn.Linear(inner, self.dim, bias=False) if projected else None
         self.log_temperature = nn.Parameter(torch.full((config.heads,), math.log(TEMPERATURE)))
         self.null = nn.Parameter(torch.full((config.heads,), NULL_LOGIT))
+        self.recency = nn.Parameter(torch.zeros(config.heads))
         self.key_mix = KeyMix(config.key_span, self.dim) if config.key_span > 1 else None
         with torch.no_grad():
             self.to_queries.weight.copy_(self.to_keys.weight)  # a query equal to a written input finds it
@@ -119,20 +124,37 @@ class EpisodicMemory(Memory):
         kept["order"] = kept["order"].masked_fill(~held, -1.0)
         return state.replace(**kept, **carried)
 
-    def _read(self, q: torch.Tensor, state: MemoryState) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, state: MemoryState) -> torch.Tensor:
+        """How much each query (b m d) reads of each slot: (b h m s), per head; the rest goes to the empty slot."""
         cfg = self.config
+        self._check(q, state, "read")
         queries = F.normalize(rearrange(self.to_queries(q), "b m (h e) -> b h m e", h=cfg.heads), dim=-1)
         keys = rearrange(state["keys"], "b s h e -> b h s e")
         scale = rearrange(self.log_temperature.exp(), "h -> 1 h 1 1")
         # the softmax in float32 at least: a sharp one over hundreds of slots is coarse in half precision
         logits = torch.matmul(queries, keys.mT).float() * scale
         logits = logits + rearrange(state["strength"].float().clamp(min=1e-9).log(), "b s -> b 1 1 s")
+        order = state["order"].float()
+        age = (order - order.amax(1, keepdim=True)) / RECENCY_SCALE  # 0 for the newest, negative before
+        logits = logits + rearrange(self.recency, "h -> 1 h 1 1").float() * rearrange(age, "b s -> b 1 1 s")
         null = rearrange(self.null, "h -> 1 h 1 1").float().expand(*logits.shape[:3], 1)
-        weights = torch.cat([logits, null], dim=-1).softmax(-1)[..., :-1].to(q.dtype)  # b h m s
+        return torch.cat([logits, null], dim=-1).softmax(-1)[..., :-1].to(q.dtype)
+
+    def _read(self, q: torch.Tensor, state: MemoryState) -> torch.Tensor:
+        weights = self.attend(q, state)  # b h m s
         if self.to_out is None:  # one value per slot, shared by the heads: the heads' reads are averaged
             return torch.matmul(weights.mean(1), state["values"][:, :, 0])  # b m d
         read = torch.matmul(weights, rearrange(state["values"], "b s h e -> b h s e"))  # b h m e
         return self.to_out(rearrange(read, "b h m e -> b m (h e)"))
+
+    def in_write_order(self, state: MemoryState) -> tuple[torch.Tensor, torch.Tensor]:
+        """(order b s: the slot at each place in write order, empty slots first; values b s d in that order).
+        With `values: input` and `value_offset` 1, the value of the slot after a token's is the next token of
+        what was written. Needs `values: input`."""
+        if self.to_values is not None:
+            raise GraftkitError("memory.in_write_order: needs an episodic memory with values: input")
+        order = state["order"].argsort(dim=1)
+        return order, _gather(state["values"][:, :, 0], order)
 
     def recall_target(self, x: torch.Tensor) -> torch.Tensor:
         """What a perfect read at written inputs `x` (b n d) returns when queries are projected like

@@ -81,7 +81,7 @@ def test_training_signal_reaches_the_query_the_pool_the_gate_and_the_keys(copy_g
     state = graft.memorize(["Mary went to the kitchen.", "Sandra took the apple to the office."])
     ids, mask = question(graft, ["Where is Mary?", "Where is the football now?"])
     graft(ids, state, mask, labels=ids).loss.backward()
-    for name in ("injector.to_query.weight", "injector.pool.to_q.weight", "injector.gate.weight", "injector.stop.weight", "memory.to_keys.weight",
+    for name in ("injector.to_query.weight", "injector.window", "injector.to_window_query.weight", "injector.pool.to_q.weight", "injector.gate.weight", "injector.stop.weight", "memory.to_keys.weight",
                  "memory.to_queries.weight", "memory.to_beta.weight"):
         grad = dict(graft.named_parameters())[name].grad
         assert grad is not None and grad.abs().sum() > 0, name
@@ -103,5 +103,81 @@ def test_an_untrained_graft_reads_what_followed_the_current_token(copy_graft):
     ids = torch.tensor([[int(written[1]), int(written[3])]])
     with torch.no_grad():
         graft(ids, state)
-    own = graft.injector.pool.past[1][0, :, 1]  # the token reads of the two positions
-    assert graft.injector.scores(own).argmax(-1).tolist() == [int(written[2]), int(written[4])]
+    own = graft.injector.pool.past[1][0, :, 1]  # the token query's slot distributions at the two positions (write order)
+    values = graft.memory.in_write_order(state)[1][0]
+    assert graft.injector.scores(own @ values.float()).argmax(-1).tolist() == [int(written[2]), int(written[4])]
+
+
+def test_the_pool_mixes_the_reads_of_the_positions_up_to_each_and_a_cached_step_sees_the_same():
+    from injectors.copy import ReadPool
+
+    torch.manual_seed(0)
+    pool, n = ReadPool(8, kinds=2), 5
+    with torch.no_grad():
+        pool.to_q.weight.zero_()  # every allowed entry weighs the same
+    hidden, reads = torch.randn(1, n, 8), torch.randn(1, n, 2, 16)
+    with torch.no_grad():
+        pooled = pool(hidden, reads)[0]
+        pool.reset()
+        pool(hidden[:, :-1], reads[:, :-1])
+        cached = pool(hidden[:, -1:], reads[:, -1:])[0, 0]
+    for t in range(n):
+        torch.testing.assert_close(pooled[t], reads[0, : t + 1].flatten(0, 1).mean(0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(cached, pooled[-1], atol=1e-5, rtol=0)
+
+
+def test_a_value_is_copied_whole_from_one_match(copy_graft, monkeypatch):
+    """Both queries of every position match one written token; the first position takes that match, each
+    later one goes on from the previous (g = 1): the generation is the value written after the match token
+    by token, a repeated token included (where reading by the current token would loop)."""
+    graft = copy_graft(gate_init=20.0, boost=1000.0)
+    vocab = graft.backbone.embedding.weight.shape[0]
+    value = (torch.randperm(vocab - 10)[:3] + 10).tolist()
+    state = graft.memorize(input_ids=torch.tensor([[7, 8, value[0], value[1], value[0], value[2], 9]]))
+    slot = int((state["order"][0] == 1).nonzero())  # where the token 8 was written (its value: the token after it)
+    one_hot = torch.nn.functional.one_hot(torch.tensor(slot), state["order"].shape[1]).float()
+    monkeypatch.setattr(graft.memory, "attend", lambda q, state: one_hot.expand(*q.shape[:2], -1)[:, None].expand(-1, 2, -1, -1))
+    calls = iter(range(100))
+    monkeypatch.setattr(graft.injector.follow, "forward", lambda x: torch.full((*x.shape[:2], 1), -100.0 if next(calls) == 0 else 100.0))
+    ids = torch.tensor([[8]])
+    out = graft.generate(ids, state, torch.ones_like(ids), max_new_tokens=4)
+    assert out[0, -4:].tolist() == [value[0], value[1], value[0], value[2]]
+
+
+def test_the_abstain_read_answers_where_the_question_matches_nothing(copy_graft):
+    graft = copy_graft(gate_init=20.0, boost=1000.0)
+    with torch.no_grad():
+        graft.memory.null.fill_(100.0)  # every query reads the empty slot
+        graft.injector.abstain.copy_(graft.backbone.embedding.weight[42])
+    state = graft.memorize(["Mary went to the kitchen."])
+    ids, mask = question(graft, ["What is the capital of France?"])
+    assert graft.generate(ids, state, mask, max_new_tokens=1)[0, -1].item() == 42
+    empty = graft.generate(ids, graft.init_state(1), mask, max_new_tokens=1)
+    assert empty[0, -1].item() == bare_logits(graft, ids, mask)[0, -1].argmax().item()  # an empty memory: the backbone
+
+
+def test_a_memory_that_does_not_hold_input_embeddings_is_refused(tiny_backbone):
+    backbone = tiny_backbone("llama")
+    memory = make_memory("linear", backbone.hidden_size)
+    injector = graftkit.create("injector", "copy", hidden_size=backbone.hidden_size, num_layers=backbone.num_layers, layer=0)
+    graft = Graft(backbone, memory, injector)
+    try:
+        ids, mask = question(graft, ["Where is Mary?"])
+        with pytest.raises(graftkit.GraftkitError, match="needs memory.kind episodic with values: input"):
+            graft(ids, graft.memorize(["Mary went to the kitchen."]), mask)
+    finally:
+        graft.injector.detach()
+
+
+def test_the_window_mixes_the_last_input_embeddings_and_skips_padding(copy_graft):
+    graft = copy_graft(window=3)
+    injector = graft.injector
+    tokens = torch.randn(2, 5, graft.backbone.hidden_size)
+    injector.pool.mask = torch.tensor([[False, False, True, True, True], [True] * 5])
+    with torch.no_grad():
+        injector.window.copy_(torch.arange(1.0, 4.0)[:, None].expand_as(injector.window))  # row j: j tokens back
+        mixed = injector.window_mix(tokens)
+    real = tokens * injector.pool.mask[..., None]
+    for t in range(5):
+        expected = sum((j + 1) * real[:, t - j] for j in range(3) if t - j >= 0)
+        torch.testing.assert_close(mixed[:, t], expected, atol=1e-5, rtol=0)

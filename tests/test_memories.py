@@ -529,6 +529,33 @@ def test_episodic_reads_nothing_from_an_empty_memory_and_one_value_exactly():
     torch.testing.assert_close(read, memory.recall_target(x), atol=1e-3, rtol=1e-3)
 
 
+def test_episodic_gives_its_slots_in_write_order():
+    """Two writes: the kept slots in write order hold the values written in that order (with value_offset 1 the
+    input after each token; a write's last token stores nothing), empty slots first."""
+    memory = make_memory("episodic", DIM, values="input", value_offset=1, slots=10)
+    with torch.no_grad():
+        x = torch.randn(1, 9, DIM)
+        state = memory.write(x[:, 4:], memory.write(x[:, :4], memory.init_state(1)))
+        order, values = memory.in_write_order(state)
+    expected = x[0, [1, 2, 3, 5, 6, 7, 8]]
+    torch.testing.assert_close(values[0, 3:], expected)
+    assert values[0, :3].abs().max() == 0 and (state["order"][0, order[0, :3]] == -1).all()
+
+
+def test_episodic_recency_lets_the_later_of_two_equal_keys_win():
+    memory = make_memory("episodic", DIM, values="input", value_offset=1, slots=16)
+    with torch.no_grad():
+        memory.to_queries.weight.copy_(memory.to_keys.weight)
+        memory.log_temperature.fill_(6.0)
+        key, old, new = torch.randn(3, DIM)
+        state = memory.write(torch.stack([key, old, torch.randn(DIM), key, new])[None], memory.init_state(1))
+        even = memory.read(key[None, None], state)[0, 0]
+        memory.recency.fill_(2000.0)  # 3 tokens newer: 6 logits more
+        later = memory.read(key[None, None], state)[0, 0]
+    torch.testing.assert_close(even, (old + new) / 2, atol=1e-2, rtol=0)
+    torch.testing.assert_close(later, new, atol=1e-2, rtol=0)
+
+
 # -- the surprise bound (titans max_surprise) -----------------------------------------------------------------
 def grown_titans(max_surprise):
     """A Titans memory whose MLP weights have grown to 3× their init and whose θ may reach 4: with the

@@ -303,6 +303,11 @@ def _cross_checks(recipe: Recipe, injector_config: BaseModel, task_configs: list
         if getattr(recipe.train, field) > 0 and lacking:
             problems.append((f"train.{field}", f"needs tasks with {what}; task {lacking[0]!r} has none "
                              f"(set train.{field}: 0, or train only on tasks that have)"))
+    varied = [c.task for c in task_configs if getattr(c, "train_vocabulary", "babi") == "varied"]
+    for field in ("recall_steps", "recall_weight"):
+        if getattr(recipe.train, field) > 0 and varied:
+            problems.append((f"train.{field}", f"classifies into bAbI's answers, but task {varied[0]!r} retells training "
+                             "stories in other words (train_vocabulary: varied); set one of them off"))
     lengths = {_label(n) for c in task_configs for n in getattr(c, "train_lengths", [])}
     unknown = sorted(set(map(_label, recipe.train.recall_lengths)) - lengths)
     if unknown:

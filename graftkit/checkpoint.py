@@ -150,7 +150,9 @@ def resolve_checkpoint(run_dir: Path, which: str = "best") -> Path:
             problem = f"names {target.name}, which is missing or incomplete"
         except (GraftkitError, KeyError) as exc:
             problem = "is missing" if not pointer.exists() else f"is damaged ({exc})"
-        found = newest_complete(root, "best-*" if kind == "best" else "step-*") or (newest_complete(root, "step-*") if kind == "best" else None)
+        found = newest_complete(root, "best-*" if kind == "best" else "step-*")
+        if found is None and kind == "best":  # no best copy yet: the newest checkpoint
+            found = newest_complete(root, "step-*")
         if found is None:
             raise GraftkitError(f"{run_dir}: no {which} checkpoint (is this a graftkit run directory?)")
         if pointer.exists() or kind == "latest":

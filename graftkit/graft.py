@@ -146,10 +146,11 @@ class Graft(nn.Module):
         if (texts is None) == (input_ids is None):
             raise GraftkitError("memorize: pass either texts or input_ids")
         if texts is not None:
-            texts = [texts] if isinstance(texts, str) else list(texts) if isinstance(texts, (list, tuple)) else texts
-            if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            if isinstance(texts, str):
+                texts = [texts]
+            if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
                 raise GraftkitError("memorize: texts must be a string or a list of strings, one per row")
-            input_ids, attention_mask = self.tokenize_context(texts)
+            input_ids, attention_mask = self.tokenize_context(list(texts))
         if state is not None and state.batch_size != input_ids.shape[0]:
             raise GraftkitError(f"memorize: {input_ids.shape[0]} texts but the state has {state.batch_size} rows")
         hidden = self.context_hidden(input_ids, attention_mask)

@@ -84,8 +84,11 @@ def _check_utf8(text: str, what: str) -> None:
 
 def _own(graft, state: MemoryState, where: str) -> None:
     """Refuse a state another graft wrote (the stamp `reset` and `save_state` put on it)."""
-    got, want = state.metadata.get("graft"), None
-    if got is not None and got != (want := graft.identity()["graft"]):
+    got = state.metadata.get("graft")
+    if got is None:
+        return
+    want = graft.identity()["graft"]
+    if got != want:
         raise StateError(f"{where}: this memory was written by another graft ({got!r}); this one is {want!r}")
 
 

@@ -72,6 +72,24 @@ def resolve(source: str, family: str, seed: int = 0) -> tuple[str, dict]:
     return source, {}  # a hub id: transformers resolves it (network or the user's HF cache)
 
 
+#: Decoder layers of the named sources, known without loading them (validation checks layer indices with it).
+KNOWN_LAYERS = {EMBEDDED: 30, "qwen2.5-coder-0.5b-instruct": 24}
+
+
+def layer_count(source: str, family: str) -> int | None:
+    """The decoder layer count of `source` when it is known without loading weights, else None (a hub id, a GGUF)."""
+    if source in KNOWN_LAYERS:
+        return KNOWN_LAYERS[source]
+    if source == TINY:
+        return TINY_CONFIGS.get(family, {}).get("num_hidden_layers")
+    config = Path(source).expanduser() / "config.json"
+    try:
+        value = json.loads(config.read_text()).get("num_hidden_layers") if config.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) else None
+
+
 def _looks_like_hub_id(source: str) -> bool:
     parts = source.split("/")
     return len(parts) == 2 and all(parts)

@@ -303,6 +303,7 @@ def _cross_checks(recipe: Recipe, injector_config: BaseModel, task_configs: list
         if getattr(recipe.train, field) > 0 and lacking:
             problems.append((f"train.{field}", f"needs tasks with {what}; task {lacking[0]!r} has none "
                              f"(set train.{field}: 0, or train only on tasks that have)"))
+    problems += _layer_problems(recipe, injector_config)
     varied = [c.task for c in task_configs if getattr(c, "train_vocabulary", "babi") == "varied"]
     for field in ("recall_steps", "recall_weight"):
         if getattr(recipe.train, field) > 0 and varied:
@@ -312,6 +313,25 @@ def _cross_checks(recipe: Recipe, injector_config: BaseModel, task_configs: list
     unknown = sorted(set(map(_label, recipe.train.recall_lengths)) - lengths)
     if unknown:
         problems.append(("train.recall_lengths", f"{unknown} are not training lengths of any task (they are: {sorted(lengths)})"))
+    return problems
+
+
+def _layer_problems(recipe: Recipe, injector_config: BaseModel) -> list[tuple[str, str]]:
+    """Layer indices outside the backbone, when its layer count is known without loading it."""
+    from graftkit.backbones.sources import layer_count
+
+    source = recipe.backbone.options().get("source")
+    count = layer_count(source, recipe.backbone.kind) if isinstance(source, str) else None
+    if count is None:
+        return []
+    problems = []
+    memory_layer = recipe.memory.options().get("write_layer")
+    if isinstance(memory_layer, int) and not 0 <= memory_layer <= count:
+        problems.append(("memory.write_layer", f"{memory_layer} is outside 0..{count} ({source} has {count} decoder layers)"))
+    layer, layers = getattr(injector_config, "layer", None), getattr(injector_config, "layers", None)
+    for name, value in [("injector.layer", layer)] + [(f"injector.layers.{i}", v) for i, v in enumerate(layers or [])]:
+        if isinstance(value, int) and not -count <= value < count:
+            problems.append((name, f"{value} is outside 0..{count - 1} ({source} has {count} decoder layers; negative counts from the end)"))
     return problems
 
 

@@ -109,7 +109,7 @@ def test_an_untrained_graft_reads_what_followed_the_current_token(copy_graft):
 
 
 def test_the_pool_mixes_the_reads_of_the_positions_up_to_each_and_a_cached_step_sees_the_same():
-    from injectors.copy import ReadPool
+    from graftkit.injectors.copy import ReadPool
 
     torch.manual_seed(0)
     pool, n = ReadPool(8, kinds=2), 5

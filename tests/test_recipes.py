@@ -290,3 +290,12 @@ def test_bad_overrides_are_reported_together():
 def test_the_recall_stage_is_refused_with_training_stories_in_other_words(capsys):
     assert main(["validate", str(ROOT / "recipes" / "smollm2_linear_recall.yaml"), "data.train_vocabulary=varied"]) == 2
     assert "train.recall_steps: classifies into bAbI's answers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override, field", [("memory.write_layer=31", "memory.write_layer"), ("injector.layer=30", "injector.layer"),
+                                             ("injector.layer=-31", "injector.layer")])
+def test_a_layer_outside_a_known_backbone_is_refused_at_validation(override, field, capsys):
+    path = str(ROOT / "recipes" / "smollm2_linear_mid_layer.yaml")
+    assert main(["validate", path, override]) == 2
+    assert f"{field}: " in capsys.readouterr().err
+    assert main(["validate", path, "memory.write_layer=30", "injector.layer=-30"]) == 0  # the last ones that exist

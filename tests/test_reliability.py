@@ -264,3 +264,24 @@ def test_a_kill_at_any_phase_of_a_checkpoint_write_loses_nothing(pristine, tmp_p
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert checkpoint.complete(checkpoint.resolve_checkpoint(run, "best"))
     assert [p.name for p in (run / "checkpoints").glob("best-*") if p.is_dir()] == [checkpoint.resolve_checkpoint(run, "best").name]
+
+
+BAD_ARGUMENTS = [
+    (["eval", "{run}", "--n", "0"], "--n: must be a positive number of examples"),
+    (["eval", "{run}", "--checkpoint", "banana"], "--checkpoint: expected best, last or a step number"),
+    (["ask", "{export}", "--state", "{state}", "Where is Mary?", "--max-new-tokens", "0"], "must be at least 1"),
+    (["ask", "{export}", "--state", "{state}", "x" * 100_000 + "?"], "a question may have at most 8000"),
+]
+
+
+@pytest.mark.parametrize("command, message", BAD_ARGUMENTS, ids=lambda v: v[0] if isinstance(v, list) else None)
+def test_a_bad_argument_is_one_message_and_changes_nothing(pristine, tmp_path, monkeypatch, capsys, command, message):
+    monkeypatch.setenv("GRAFTKIT_CACHE", str(pristine / "cache"))
+    folder = case_folder(pristine, tmp_path)
+    before = contents(folder)
+    argv = [a.format(run=folder / "run", export=folder / "export", state=folder / "alice.safetensors") for a in command]
+    capsys.readouterr()
+    assert main(argv) != 0
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+    assert contents(folder) == before

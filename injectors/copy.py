@@ -164,7 +164,7 @@ class CopyInjector(Injector):
         order = recall.kv["order"]  # b s: the slot at each place in write order
         dists = [recall.memory.attend(q.to(dtype), recall.state).float().mean(1).gather(-1, order[:, None].expand(-1, n, -1))
                  for q in (query, token_query)]  # b n s each, in write order
-        mixed = self.pool(hidden, torch.stack(dists, dim=2))  # b n s
+        mixed = self.pool(hidden, torch.stack(dists, dim=2)) * self.seen(self.tokens)[:, -n:, None]  # b n s; padding takes nothing
         follow = torch.sigmoid(self.follow(F.rms_norm(hidden, hidden.shape[-1:], eps=1e-6)))  # b n 1
         taken = self.carry(mixed, follow)
         unmatched = (1.0 - mixed.sum(-1, keepdim=True)).clamp(min=0.0) * (1.0 - follow)
@@ -185,16 +185,19 @@ class CopyInjector(Injector):
         self.carried = previous
         return torch.stack(taken, dim=1)
 
+    def seen(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(b n) float: 1 at the positions of `tokens` that are input, 0 at padding (per the prepared mask; positions
+        after it are generated tokens)."""
+        seen = torch.ones(tokens.shape[:2], device=tokens.device)
+        if self.pool.mask is not None:
+            width = min(self.pool.mask.shape[1], tokens.shape[1])
+            seen[:, :width] = self.pool.mask[:, :width].to(tokens.device).float()
+        return seen
+
     def window_mix(self, tokens: torch.Tensor) -> torch.Tensor:
         """Each position's learned mix (b n d) of the input embeddings of the last `window` positions up to it
         (padding, per the prepared mask, counts as zeros)."""
-        x = tokens.float()
-        mask = self.pool.mask
-        if mask is not None:
-            seen = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-            width = min(mask.shape[1], x.shape[1])
-            seen[:, :width] = mask[:, :width].to(x.device)
-            x = x * seen[..., None]
+        x = tokens.float() * self.seen(tokens)[..., None]
         span = self.window.shape[0]
         windows = F.pad(x, (0, 0, span - 1, 0)).unfold(1, span, 1)  # b n d span (oldest first)
         return torch.einsum("bnds,sd->bnd", windows, self.window.flip(0))

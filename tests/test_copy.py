@@ -181,3 +181,16 @@ def test_the_window_mixes_the_last_input_embeddings_and_skips_padding(copy_graft
     for t in range(5):
         expected = sum((j + 1) * real[:, t - j] for j in range(3) if t - j >= 0)
         torch.testing.assert_close(mixed[:, t], expected, atol=1e-5, rtol=0)
+
+
+def test_a_left_padded_row_reads_as_it_does_alone(copy_graft):
+    graft = copy_graft(gate_init=4.0)
+    with torch.no_grad():
+        graft.injector.follow.bias.fill_(0.0)  # half of each position carried on: padding would leak in if it took any
+    story = "Mary went to the kitchen. Sandra took the apple to the office."
+    ids, mask = question(graft, ["Where is Mary?", "Where is the football now, and who took it?"])
+    alone_ids, alone_mask = question(graft, ["Where is Mary?"])
+    with torch.no_grad():
+        batched = graft(ids, graft.memorize([story, story]), mask).logits[0, -alone_ids.shape[1] :]
+        alone = graft(alone_ids, graft.memorize([story]), alone_mask).logits[0]
+    torch.testing.assert_close(batched, alone, atol=1e-4, rtol=1e-4)

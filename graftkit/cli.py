@@ -204,7 +204,7 @@ def cmd_ask(args) -> int:
 
 def cmd_chat(args) -> int:
     from graftkit.export import load_graft
-    from graftkit.sessions import chat_turn, load_state, reset, save_state
+    from graftkit.sessions import chat_turn, is_utf8, load_state, reset, save_state
 
     if args.max_new_tokens <= 0:
         raise GraftkitError(f"--max-new-tokens: must be at least 1, got {args.max_new_tokens}")
@@ -221,7 +221,7 @@ def cmd_chat(args) -> int:
         while True:
             line = input("> " if tty else "").strip()
             number += 1
-            if not _is_text(line):
+            if not is_utf8(line):
                 print(f"graftkit: error: line {number}: not valid UTF-8 text; skipped", file=sys.stderr)
                 continue
             if line in ("/quit", "/exit"):
@@ -252,15 +252,6 @@ def cmd_chat(args) -> int:
     if tty:
         print(f"\nsaved {args.state} ({int(state.tokens_written[0])} tokens)")
     return 0
-
-
-def _is_text(line: str) -> bool:
-    """False for a line read with surrogate escapes for bytes that are not UTF-8."""
-    try:
-        line.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def lengths_overrides(run_dir: str, lengths: list[str], overrides: list[str]) -> list[str]:

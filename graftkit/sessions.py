@@ -74,12 +74,18 @@ def load_state(graft, path: str | os.PathLike, missing_ok: bool = False) -> Memo
     return state
 
 
-def _check_utf8(text: str, what: str) -> None:
-    """Refuse text holding lone surrogates (bytes that were not UTF-8, as Python keeps them from argv)."""
+def is_utf8(text: str) -> bool:
+    """False for text holding lone surrogates (bytes that were not UTF-8, as Python keeps them from argv or stdin)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise GraftkitError(f"{what} is not valid UTF-8 text") from None
+        return False
+    return True
+
+
+def _check_utf8(text: str, what: str) -> None:
+    if not is_utf8(text):
+        raise GraftkitError(f"{what} is not valid UTF-8 text")
 
 
 def _own(graft, state: MemoryState, where: str) -> None:

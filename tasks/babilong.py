@@ -127,19 +127,16 @@ class BabilongTask(Task):
         samples = build_babilong(task, split, length, n, seed=self.config.seed + seed_offset, tokenizer=tokenizer,
                                  books=self.config.books, babi_dir=self.config.babi_dir)
         labels = [None] * len(samples)
-        if self.config.vocabulary == "held_out" and split == "test":
+        words = self._retold_words(split)  # whose pools stories are retold from: "test" (held out), "train" or None
+        if words is not None:
             from graftkit.data.metric import task_labels
             from graftkit.tasks.held_out import retell
 
-            samples, labels = zip(*(retell(s, task_labels(task), self.config.seed) for s in samples)) if samples else ((), ())
-        if self.config.train_vocabulary == "varied" and split == "train":
-            from graftkit.data.metric import task_labels
-            from graftkit.tasks.held_out import retell
-
-            share = self.config.varied_share
-            chosen = [np.random.default_rng([self.config.seed, 41, int(s.uid[:8], 16)]).random() < share for s in samples]
-            retold = [retell(s, task_labels(task), self.config.seed, split="train") if pick else (s, None)
-                      for s, pick in zip(samples, chosen)]
+            share = 1.0 if words == "test" else self.config.varied_share
+            picked = [share >= 1 or np.random.default_rng([self.config.seed, 41, int(s.uid[:8], 16)]).random() < share
+                      for s in samples]
+            retold = [retell(s, task_labels(task), self.config.seed, split=words) if pick else (s, None)
+                      for s, pick in zip(samples, picked)]
             samples, labels = zip(*retold) if retold else ((), ())
         return [
             Example(uid=s.uid, sessions=(s.context,), question=s.question, target=s.target, bucket=bucket,
@@ -147,6 +144,13 @@ class BabilongTask(Task):
                                            **({"labels": sorted(l)} if l is not None else {})})
             for s, l in zip(samples, labels)
         ]
+
+    def _retold_words(self, split: str) -> str | None:
+        if split == "test" and self.config.vocabulary == "held_out":
+            return "test"
+        if split == "train" and self.config.train_vocabulary == "varied":
+            return "train"
+        return None
 
     def prompt(self, example: Example) -> Prompt:
         return self.task_prompt(self._bab(example))

@@ -62,9 +62,8 @@ def retell(sample, labels: frozenset[str], seed: int, split: str = "test"):
 
     rng = np.random.default_rng([seed, int(sample.uid[:8], 16)])
     names = _names(split)
-    places, objects, moves = (HELD_OUT_PLACES, HELD_OUT_OBJECTS, HELD_OUT_MOVES) if split == "test" else (
+    places, objects, verbs = (HELD_OUT_PLACES, HELD_OUT_OBJECTS, HELD_OUT_MOVES) if split == "test" else (
         TRAIN_PLACES, TRAIN_OBJECTS, TRAIN_MOVES)
-    moves_pool = moves
     mapping = {}
     for pool, held in ((PEOPLE, names), (PLACES, places), (OBJECTS, objects)):
         chosen = rng.choice(len(held), size=len(pool), replace=False)
@@ -73,7 +72,7 @@ def retell(sample, labels: frozenset[str], seed: int, split: str = "test"):
 
     def swap(text: str, moves: bool = False) -> str:
         text = words.sub(lambda m: mapping[m[1]], text)
-        return MOVE.sub(lambda m: moves_pool[int(rng.integers(len(moves_pool)))], text) if moves else text
+        return MOVE.sub(lambda m: verbs[int(rng.integers(len(verbs)))], text) if moves else text
 
     facts = tuple(swap(f, moves=True) for f in sample.facts)
     told = dict(zip(sample.facts, facts))

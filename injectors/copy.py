@@ -33,12 +33,12 @@ import math
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from graftkit.injectors.xattn import Recall, check_layer
 from pydantic import Field
 from torch import nn
 
 from graftkit.errors import GraftkitError
 from graftkit.injector import Injector, InjectorConfig, hook_output, state_dtype
-from graftkit.injectors.xattn import Recall, check_layer
 
 FOLLOW_INIT = -2.0  # at first a position goes on copying the previous one's next token with probability σ(−2) ≈ 0.12
 
@@ -106,7 +106,11 @@ class CopyInjector(Injector):
         # derived from the backbone when attached (not graft tensors): G⁻¹ (d d) and the leverages e_y·G⁻¹e_y (V)
         self.register_buffer("code", torch.zeros(0), persistent=False)
         self.register_buffer("leverage", torch.zeros(0), persistent=False)
-        self._embedding: nn.Embedding | None = None
+        self._backbone_parts: dict[str, nn.Module] = {}  # a plain dict: the backbone's modules are not graft tensors
+
+    @property
+    def _embedding(self) -> nn.Embedding:
+        return self._backbone_parts["embedding"]
 
     @classmethod
     def reads_each_position(cls, config: Config) -> bool:
@@ -114,7 +118,7 @@ class CopyInjector(Injector):
 
     def attach(self, backbone) -> None:
         self.check_backbone(backbone)
-        self._embedding = backbone.embedding
+        self._backbone_parts["embedding"] = backbone.embedding
         self.eos = backbone.tokenizer.eos_token_id
         with torch.no_grad():
             e = self._embedding.weight.detach().double()

@@ -81,8 +81,9 @@ def test_training_signal_reaches_the_query_the_pool_the_gate_and_the_keys(copy_g
     state = graft.memorize(["Mary went to the kitchen.", "Sandra took the apple to the office."])
     ids, mask = question(graft, ["Where is Mary?", "Where is the football now?"])
     graft(ids, state, mask, labels=ids).loss.backward()
-    for name in ("injector.to_query.weight", "injector.window", "injector.to_window_query.weight", "injector.pool.to_q.weight", "injector.gate.weight", "injector.stop.weight", "memory.to_keys.weight",
-                 "memory.to_queries.weight", "memory.to_beta.weight"):
+    for name in ("injector.to_query.weight", "injector.window", "injector.to_window_query.weight", "injector.pool.to_q.weight",
+                 "injector.gate.weight", "injector.stop.weight", "memory.to_keys.weight", "memory.to_queries.weight",
+                 "memory.to_beta.weight"):
         grad = dict(graft.named_parameters())[name].grad
         assert grad is not None and grad.abs().sum() > 0, name
 
@@ -194,3 +195,22 @@ def test_a_left_padded_row_reads_as_it_does_alone(copy_graft):
         batched = graft(ids, graft.memorize([story, story]), mask).logits[0, -alone_ids.shape[1] :]
         alone = graft(alone_ids, graft.memorize([story]), alone_mask).logits[0]
     torch.testing.assert_close(batched, alone, atol=1e-4, rtol=1e-4)
+
+
+def test_the_graft_holds_no_backbone_tensor_and_exports(copy_graft, tmp_path):
+    """The injector reads the backbone's embeddings, but they are not graft tensors: checkpoints and exports hold
+    the graft's own weights only, and an export loads back."""
+    from graftkit.export import export_graft, load_graft
+
+    graft = copy_graft()
+    names = set(graft.graft_state_dict())
+    assert names and all(n.startswith(("memory.", "injector.")) for n in names)
+    backbone = {t.data_ptr() for t in graft.backbone.model.state_dict().values()}
+    assert not any(t.data_ptr() in backbone for t in graft.graft_state_dict().values())
+    out = export_graft(graft, tmp_path / "export")
+    graft.injector.detach()
+    loaded = load_graft(out, backbone=graft.backbone)
+    try:
+        assert set(loaded.graft_state_dict()) == names
+    finally:
+        loaded.injector.detach()

@@ -101,6 +101,16 @@ def training_prompts() -> list[str]:
     return [p for group in itertools.zip_longest(*kinds) for p in group if p is not None and p not in held]
 
 
+def training_passages(n: int = 48, words: int = 45) -> list[str]:
+    """Passages of the vendored training books, spread over them, for `train.preserve_weight` (the preservation
+    row scores the test book's)."""
+    from graftkit.data.books import load_books
+
+    books = load_books("train")
+    return [_passage(book.sentences, (k + 1) * len(book.sentences) // (n // len(books) + 1), words)
+            for book in books for k in range(n // len(books))]
+
+
 def _passage(sentences, start: int, words: int) -> str:
     """Sentences from `start` on until they hold at least `words` words."""
     out, count = [], 0

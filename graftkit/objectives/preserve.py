@@ -1,28 +1,57 @@
 """`train.preserve_weight`: where its memory is not asked for, the grafted model should stay the backbone.
 
-Each step, a few general prompts (`graftkit.preservation.training_prompts`, disjoint from the prompts the
-preservation row scores), each followed by the bare backbone's own greedy answer, are read by the
-grafted model with the batch's memory states (written from the batch's own contexts, which have nothing
-to do with the prompts). The term is the KL divergence from the bare backbone's next-token distributions
-to the grafted model's, averaged over the answer's positions.
+Each step the grafted model reads, with the batch's memory states (written from the batch's own contexts,
+which have nothing to do with them), a few rows of two kinds:
 
-Legend: b batch, n tokens, v vocabulary.
+- general prompts (`graftkit.preservation.training_prompts`, disjoint from the prompts the preservation
+  row scores), each followed by the bare backbone's own greedy answer, after the chat template's head
+  (a shared prefix, as `Graft.answer` reads it); compared over the answer's positions;
+- passages of the training books (`graftkit.preservation.training_passages`, not the test book the
+  preservation row scores), as plain text; compared at every position.
+
+The term is the KL divergence from the bare backbone's next-token distribution to the grafted model's,
+averaged over the compared positions, each distribution coarsened to the bare backbone's `TOP_K` most
+likely tokens and one bucket for the rest. The bare backbone's side is computed once per row and kept
+(a few hundred kilobytes in all), so a step costs one grafted pass over short rows.
+
+Legend: b batch, n tokens, m compared positions, k kept tokens, V vocabulary.
 """
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from graftkit.graft import pad
 from graftkit.objectives import Objective
 
-#: prompts per step, and the length of the bare backbone's answers they are followed by
+#: rows of each kind per step, the length of the bare backbone's answers, and the tokens kept per position
 PROMPTS_PER_STEP = 4
+PASSAGES_PER_STEP = 1
 ANSWER_TOKENS = 16
+PASSAGE_TOKENS = 64
+TOP_K = 128
+
+
+@dataclass
+class Row:
+    ids: list[int]  # what the grafted model reads (after the shared prefix, for a prompt)
+    first: int  # the first compared position (it predicts ids[first + 1])
+    top: torch.Tensor  # m k: the bare backbone's most likely next tokens at each compared position
+    logp: torch.Tensor  # m k+1: their log-probabilities, and the log-probability of every other token
+
+
+def coarse_kl(logits: torch.Tensor, top: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(bare ‖ graft), both distributions coarsened to `top` (m k) and the rest."""
+    log_q = torch.log_softmax(logits.float(), -1)  # m V
+    kept = log_q.gather(-1, top)
+    rest = log_q.scatter(-1, top, float("-inf")).logsumexp(-1, keepdim=True)
+    q = torch.cat([kept, rest], -1)
+    p = logp.float()
+    return (p.exp() * (p - q)).sum(-1).mean()
 
 
 class PreserveLoss(Objective):
@@ -30,44 +59,60 @@ class PreserveLoss(Objective):
 
     def __init__(self, weight: float, seed: int = 0):
         super().__init__(weight)
-        from graftkit.preservation import training_prompts
+        from graftkit.preservation import training_passages, training_prompts
 
         self.prompts = training_prompts()
+        self.passages = training_passages()
         self.seed = seed
-        self.rows: dict[int, tuple[list[int], int]] = {}  # prompt index -> (chat ids + the bare answer, prompt length)
+        self.rows: dict[tuple[str, int], Row] = {}
 
     @torch.no_grad()
-    def _row(self, graft, index: int) -> tuple[list[int], int]:
-        if index not in self.rows:
+    def _row(self, graft, kind: str, index: int) -> Row:
+        if (kind, index) not in self.rows:
             backbone = graft.backbone
-            ids = backbone.chat_ids(self.prompts[index])
-            out = backbone.model.generate(input_ids=torch.tensor([ids], device=backbone.device), max_new_tokens=ANSWER_TOKENS,
-                                          do_sample=False, pad_token_id=backbone.tokenizer.pad_token_id)
-            self.rows[index] = (out[0].tolist(), len(ids))
-        return self.rows[index]
+            if kind == "prompt":
+                head, ids = backbone.chat_parts("", self.prompts[index])
+                whole = torch.tensor([head + ids], device=backbone.device)
+                out = backbone.model.generate(input_ids=whole, attention_mask=torch.ones_like(whole), max_new_tokens=ANSWER_TOKENS,
+                                              do_sample=False, pad_token_id=backbone.tokenizer.pad_token_id)
+                ids, first, skip = ids + out[0, whole.shape[1]:].tolist(), len(ids) - 1, len(head)
+            else:
+                ids, first, skip, head = backbone.text_ids(self.passages[index])[:PASSAGE_TOKENS], 0, 0, []
+            logits = backbone.model(input_ids=torch.tensor([head + ids], device=backbone.device)).logits[0, skip + first : -1]
+            logp = torch.log_softmax(logits.float(), -1)
+            kept, top = logp.topk(min(TOP_K, logp.shape[-1] - 1), -1)
+            rest = torch.log1p(-kept.exp().sum(-1, keepdim=True).clamp(max=1 - 1e-6))
+            self.rows[(kind, index)] = Row(ids, first, top.cpu(), torch.cat([kept, rest], -1).cpu())
+        return self.rows[(kind, index)]
 
     def inputs(self, graft, task, samples, hidden):
         batch_key = int(hashlib.sha256("".join(s.uid for s in samples).encode()).hexdigest()[:8], 16)
         rng = np.random.default_rng([self.seed, 31, batch_key])  # fixed by the batch, so a resumed run draws the same
-        chosen = rng.choice(len(self.prompts), size=min(PROMPTS_PER_STEP, len(samples)), replace=False)
-        rows = [self._row(graft, int(i)) for i in chosen]
-        ids, mask = pad([r for r, _ in rows], graft.backbone.tokenizer.pad_token_id, side="left", device=hidden.device)
-        answer = torch.zeros_like(mask, dtype=torch.bool)
-        for k, (row, prompt) in enumerate(rows):
-            answer[k, ids.shape[1] - len(row) + prompt - 1 : ids.shape[1] - 1] = True  # positions that predict answer tokens
-        with torch.no_grad():
-            bare = graft.backbone.model(input_ids=ids, attention_mask=mask).logits.float()
-        return {"preserve_ids": ids, "preserve_mask": mask, "preserve_answer": answer, "preserve_logits": bare}
+        out = {}
+        for kind, pool, count in (("prompt", self.prompts, PROMPTS_PER_STEP), ("passage", self.passages, PASSAGES_PER_STEP)):
+            chosen = rng.choice(len(pool), size=min(count, len(samples), len(pool)), replace=False)
+            rows = [self._row(graft, kind, int(i)) for i in chosen]
+            ids, mask = pad([r.ids for r in rows], graft.backbone.tokenizer.pad_token_id, side="left", device=hidden.device)
+            compared = torch.zeros_like(mask, dtype=torch.bool)
+            for k, row in enumerate(rows):
+                start = ids.shape[1] - len(row.ids)
+                compared[k, start + row.first : ids.shape[1] - 1] = True
+            out[kind] = {"ids": ids, "mask": mask, "compared": compared,
+                         "top": torch.cat([r.top for r in rows]).to(hidden.device),
+                         "logp": torch.cat([r.logp for r in rows]).to(hidden.device)}
+        head = graft.backbone.chat_parts("", "")[0]
+        return {"preserve": out, "preserve_prefix": head}
 
     def forward(self, graft, hidden, hidden_mask, batch):
-        ids, answer = batch["preserve_ids"], batch["preserve_answer"]
-        state = batch["state"].select(range(ids.shape[0]))
-        # labels on the answer make the graft compute logits only where they are compared (the answers end the rows)
-        labels = torch.full_like(ids, -100)
-        labels[:, 1:] = torch.where(answer[:, :-1], ids[:, 1:], -100)
-        logits = graft(ids, state, attention_mask=batch["preserve_mask"], labels=labels).logits.float()
-        keep = logits.shape[1]
-        answer, bare = answer[:, -keep:], batch["preserve_logits"][:, -keep:]
-        kl = F.kl_div(torch.log_softmax(logits[answer], -1), torch.log_softmax(bare[answer], -1),
-                      log_target=True, reduction="batchmean")
+        terms = []
+        for kind, rows in batch["preserve"].items():
+            ids, compared = rows["ids"], rows["compared"]
+            state = batch["state"].select(range(ids.shape[0]))
+            # labels where compared make the graft compute logits only there (the compared positions end the rows)
+            labels = torch.full_like(ids, -100)
+            labels[:, 1:] = torch.where(compared[:, :-1], ids[:, 1:], -100)
+            prefix = batch["preserve_prefix"] if kind == "prompt" else None
+            logits = graft(ids, state, attention_mask=rows["mask"], labels=labels, prefix_ids=prefix).logits
+            terms.append(coarse_kl(logits[compared[:, -logits.shape[1]:]], rows["top"], rows["logp"]))
+        kl = torch.stack(terms).mean()
         return kl, {"preserve_kl": kl}

@@ -5,15 +5,17 @@ value. The memory holds at most `slots` tokens: a write keeps the `slots` strong
 and the tokens written (on equal strength, the later one). Reading: per head, each query attends over
 the kept tokens with logits
 
-    τ · q̂·k̂_s + log β_s + λ · (o_s − o_newest) / 1024
+    τ · q̂·k̂_s + log β_s + λ · min(0, o_s − ō) / 64
 
-(o_s: when token s was written, counted in tokens; λ per head, learned from 0, lets the latest of several
-matching tokens win) and over one empty slot (logit `null`, value 0), so a query that matches nothing
-reads close to nothing; the heads' reads are merged and projected to d. `in_write_order` gives the slots in
-the order they were written, so an injector can go on from a matched token to the ones written after it. Unlike a matrix memory, a read returns a stored value
-nearly exactly when one key matches, however many others are held: with `value_offset` 1 it returns the
-token that followed the matching one, which lets a graft copy names, numbers and places it never saw in
-training.
+and over one empty slot (logit `null`, value 0). o_s is when token s was written, counted in tokens, and ō
+the mean of o_s under the read's weights without the recency term: when what the query matches was
+written. λ (per head, learned from 0) lowers a slot by how much earlier than that it was written, so the
+latest of several matching tokens wins, while a lone match keeps its weight however old it is. A query
+that matches nothing reads close to nothing; the heads' reads are merged and projected to d.
+`in_write_order` gives the slots in the order they were written, so an injector can go on from a matched
+token to the ones written after it. Unlike a matrix memory, a read returns a stored value nearly exactly
+when one key matches, however many others are held: with `value_offset` 1 it returns the token that
+followed the matching one, which lets a graft copy names, numbers and places it never saw in training.
 
 Legend: b rows, n written tokens, m query tokens, d model width, h heads, e dim_head, s slots.
 """
@@ -35,7 +37,7 @@ from graftkit.state import MemoryState
 
 # At init: β = σ(0) = 0.5 for every token, read temperature τ = 8 on cosine logits, empty-slot logit 0.
 BETA_BIAS, TEMPERATURE, NULL_LOGIT = 0.0, 8.0, 0.0
-RECENCY_SCALE = 1024.0  # tokens per unit of the recency term
+RECENCY_SCALE = 64.0  # tokens per unit of the recency term
 
 
 class EpisodicMemory(Memory):
@@ -57,7 +59,7 @@ class EpisodicMemory(Memory):
             "embedding, from which an injector can tell the token itself).",
         )
 
-    def __init__(self, config: "EpisodicMemory.Config"):
+    def __init__(self, config: EpisodicMemory.Config):
         super().__init__(config)
         inner = config.heads * config.dim_head
         self.to_keys = nn.Linear(self.dim, inner, bias=False)
@@ -134,9 +136,10 @@ class EpisodicMemory(Memory):
         # the softmax in float32 at least: a sharp one over hundreds of slots is coarse in half precision
         logits = torch.matmul(queries, keys.mT).float() * scale
         logits = logits + rearrange(state["strength"].float().clamp(min=1e-9).log(), "b s -> b 1 1 s")
-        order = state["order"].float()
-        age = (order - order.amax(1, keepdim=True)) / RECENCY_SCALE  # 0 for the newest, negative before
-        logits = logits + rearrange(self.recency, "h -> 1 h 1 1").float() * rearrange(age, "b s -> b 1 1 s")
+        order = rearrange(state["order"].float(), "b s -> b 1 1 s")
+        matched = (logits.detach().softmax(-1) * order).sum(-1, keepdim=True)  # when what the query matches was written
+        age = ((order - matched) / RECENCY_SCALE).clamp(max=0.0)  # how much earlier than that each slot was written
+        logits = logits + rearrange(self.recency, "h -> 1 h 1 1").float() * age
         null = rearrange(self.null, "h -> 1 h 1 1").float().expand(*logits.shape[:3], 1)
         return torch.cat([logits, null], dim=-1).softmax(-1)[..., :-1].to(q.dtype)
 

@@ -11,14 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
+from graftkit.memories.linear import LinearMemory
+from graftkit.memories.titans import TitansMemory
+from matrix import ALL_MEMORIES, make_memory, memory_class
 from pydantic import ValidationError
 from torch.func import functional_call, grad
 
 from graftkit.errors import GraftkitError, StateError
-from graftkit.memories.linear import LinearMemory
-from graftkit.memories.titans import TitansMemory
 from graftkit.state import MemoryState
-from matrix import ALL_MEMORIES, make_memory, memory_class
 
 DIM = 32
 
@@ -550,10 +550,27 @@ def test_episodic_recency_lets_the_later_of_two_equal_keys_win():
         key, old, new = torch.randn(3, DIM)
         state = memory.write(torch.stack([key, old, torch.randn(DIM), key, new])[None], memory.init_state(1))
         even = memory.read(key[None, None], state)[0, 0]
-        memory.recency.fill_(2000.0)  # 3 tokens newer: 6 logits more
+        memory.recency.fill_(100.0)  # the older match was written 1.5 tokens before the mean of the two: 2.3 logits less
         later = memory.read(key[None, None], state)[0, 0]
     torch.testing.assert_close(even, (old + new) / 2, atol=1e-2, rtol=0)
-    torch.testing.assert_close(later, new, atol=1e-2, rtol=0)
+    assert (later - new).norm() < 0.2 * (even - new).norm()
+
+
+def test_episodic_recency_leaves_a_lone_match_its_weight_however_old():
+    """Recency ranks matches against each other: one match written long before everything else reads the same
+    with λ on as with λ off."""
+    memory = make_memory("episodic", DIM, values="input", value_offset=1, slots=600)
+    with torch.no_grad():
+        memory.to_queries.weight.copy_(memory.to_keys.weight)
+        memory.log_temperature.fill_(4.0)
+        key, value = torch.randn(2, DIM)
+        later = torch.randn(500, DIM)
+        state = memory.write(torch.cat([torch.stack([key, value]), later])[None], memory.init_state(1))
+        off = memory.read(key[None, None], state)[0, 0]
+        memory.recency.fill_(50.0)  # 500 tokens older than the newest slot: 390 logits less if age counted from the newest
+        on = memory.read(key[None, None], state)[0, 0]
+    torch.testing.assert_close(on, off, atol=1e-3, rtol=0)
+    assert torch.nn.functional.cosine_similarity(on, value, dim=0) > 0.9
 
 
 # -- the surprise bound (titans max_surprise) -----------------------------------------------------------------

@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 RECIPE ?= recipes/smollm2_linear_mid_layer.yaml
 RUN ?= runs/smollm2_linear_mid_layer
 
-.PHONY: setup train eval test bench
+.PHONY: setup train eval test lint bench
 
 setup: $(VENV)/.installed
 
@@ -28,6 +28,10 @@ eval: setup
 test: setup
 	$(PY) -m pip install --quiet --no-deps -e tests/plugins/graftkit-test-plugin -e tests/plugins/graftkit-test-task -e examples/graftkit-example-injector
 	$(VENV)/bin/pytest $(ARGS)
+
+lint: setup
+	$(PY) -m pip install --quiet -e '.[lint]'
+	$(VENV)/bin/ruff check graftkit backbones memories injectors tasks tests bench examples
 
 bench: setup
 	$(PY) -m pip install --quiet -e '.[bench]'

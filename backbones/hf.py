@@ -14,10 +14,10 @@ from collections.abc import Sequence
 from typing import ClassVar, Literal
 
 import torch
+from graftkit.backbones import sources
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from graftkit.backbones import sources
 from graftkit.errors import GraftkitError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 from graftkit.backbones.split_gguf import SPLITS, split_gguf
+
 from graftkit.errors import GraftkitError
 
 EMBEDDED = "smollm2-135m-instruct"

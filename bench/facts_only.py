@@ -36,9 +36,9 @@ def measure(args) -> None:
     from graftkit.data.babilong import build_babilong
     from graftkit.data.metric import compare_answers
     from graftkit.evaluate import EVAL_SEED_OFFSET
+    from graftkit.objectives.write import background_tokens
     from graftkit.progress import bar
     from graftkit.protocol import HiddenCache, turn2_batch
-    from graftkit.objectives.write import background_tokens
 
     recipe, graft, info = load_run(args.run_dir, args.checkpoint, overrides=args.overrides)
     graft.eval()

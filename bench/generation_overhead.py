@@ -30,12 +30,12 @@ import statistics
 import time
 
 import torch
+from graftkit.injectors.xattn import TanhGate
 
 import graftkit
 from graftkit.api import graft_from_configs
 from graftkit.graft import pad, positions
 from graftkit.kv_cache import cache_kwargs, output_cache
-from graftkit.injectors.xattn import TanhGate
 from graftkit.state import MemoryState
 
 QUESTIONS = [

@@ -5,8 +5,9 @@ seed + the evaluation offset) to see their facts, and counts the wrong outputs b
 `--after`, it also gives the accuracy by how many context tokens follow the answer's supporting fact,
 that is, how much the memory writes after it: with a memory that never forgets, everything written later
 can wear the fact out. With `--later`, the accuracy by how many of the story's facts follow it (0, 1, 2 or
-more), and how many wrong answers name the place of one of those later facts; this depends on the bAbI question only, not on the length, so two lengths' evaluations of the same
-questions compare question by question (at 1k, 4k and 16k the first 100 test questions are the same).
+more), and how many wrong answers name the place of one of those later facts; this depends on the bAbI
+question only, not on the length, so two lengths' evaluations of the same questions compare question by
+question (at 1k, 4k and 16k the first 100 test questions are the same).
 
     python bench/qa1_errors.py RUN_DIR/eval/predictions.jsonl --length 1k --n 200 [--recipe RUN_DIR/recipe.yaml] [--row graft] [--after] [--later]
 """
@@ -68,10 +69,9 @@ def main() -> None:
 
     from graftkit.api import load_backbone
     from graftkit.data.babilong import build_babilong
+    from graftkit.errors import GraftkitError
     from graftkit.evaluate import EVAL_SEED_OFFSET
     from graftkit.recipe import load_recipe
-
-    from graftkit.errors import GraftkitError
 
     path = Path(args.predictions)
     if not path.is_file():

@@ -17,7 +17,6 @@ import argparse
 from pathlib import Path
 
 import torch
-
 from binding_probe import probe
 
 

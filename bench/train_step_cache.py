@@ -17,7 +17,6 @@ import time
 
 import torch
 
-
 PARTS = ("hidden states + turn-2 batch", "memory write", "turn-2 forward", "backward (both)", "optimizer")
 
 

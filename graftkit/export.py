@@ -27,9 +27,10 @@ import json
 import os
 import shutil
 import warnings
-from datetime import datetime, timezone
+from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -157,8 +158,8 @@ def export_graft(
     configs it was trained on, `recipe.task_configs()`) are described in the card, and their named prompts
     are recorded so that `graftkit ask --task NAME` can put a question the way training did.
     """
-    from graftkit.task import build_task
     from graftkit.plugins import _version, get_plugins
+    from graftkit.task import build_task
 
     out = Path(os.path.abspath(out))  # "." or "a/.." need a real name for the temporary sibling
     check_target(out)
@@ -169,7 +170,7 @@ def export_graft(
         "format": EXPORT_FORMAT,
         "format_version": FORMAT_VERSION,
         "graftkit_version": _version("graftkit"),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "plugins": {kind: _plugin_record(plugins, kind, name) for kind, name in kinds.items()},
         "backbone": {"kind": backbone.name, "config": backbone.config.model_dump(mode="json")},
         "backbone_manifest": backbone.manifest(),

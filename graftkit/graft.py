@@ -12,7 +12,7 @@ Legend: b batch, n tokens, d hidden size.
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

@@ -13,7 +13,8 @@ dependencies: they run every time graftkit starts.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import pluggy
 
@@ -80,7 +81,7 @@ def register_tasks(register: Register) -> None:
 
 
 @hookspec
-def register_commands(cli: "argparse._SubParsersAction") -> None:
+def register_commands(cli: argparse._SubParsersAction) -> None:
     """Add sub-commands to the ``graftkit`` command line.
 
     :param cli: the sub-parser collection of the ``graftkit`` parser; call ``cli.add_parser(name)``

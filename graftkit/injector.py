@@ -10,7 +10,8 @@ Legend: b batch, n tokens, k memory tokens, d hidden size.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 from torch import nn

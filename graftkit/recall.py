@@ -19,8 +19,8 @@ Legend: b batch, n tokens, d hidden size.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch

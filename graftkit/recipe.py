@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -234,7 +235,7 @@ def validate_recipe(raw: dict, overrides: Iterable[str] = (), source: str | None
     return recipe
 
 
-def validate_tasks(data: Any, recipe: "Recipe | None", single: bool = False) -> tuple[list[BaseModel], list[tuple[str, str]]]:
+def validate_tasks(data: Any, recipe: Recipe | None, single: bool = False) -> tuple[list[BaseModel], list[tuple[str, str]]]:
     """Each data block against its task's Config; paths are `data.key` for a recipe that wrote one block as a
     mapping (`single`), `data.N.key` in a list."""
     from graftkit.plugins import get_plugins

@@ -10,8 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import torch
 from safetensors import SafetensorError
@@ -69,18 +69,18 @@ class MemoryState:
         return f"MemoryState({self.metadata.get('memory_kind', '?')}: {shapes})"
 
     # -- functional updates ----------------------------------------------------------------------
-    def replace(self, **tensors: torch.Tensor) -> "MemoryState":
+    def replace(self, **tensors: torch.Tensor) -> MemoryState:
         """A new state with some tensors replaced (the old state is left untouched)."""
         return MemoryState({**self.tensors, **tensors}, self.metadata)
 
-    def detach(self) -> "MemoryState":
+    def detach(self) -> MemoryState:
         return MemoryState({k: v.detach() for k, v in self.tensors.items()}, self.metadata)
 
-    def clone(self) -> "MemoryState":
+    def clone(self) -> MemoryState:
         """An independent copy: a fork of the memory."""
         return MemoryState({k: v.clone() for k, v in self.tensors.items()}, self.metadata)
 
-    def to(self, device=None, dtype=None) -> "MemoryState":
+    def to(self, device=None, dtype=None) -> MemoryState:
         """Move to a device; `dtype` applies to floating tensors only (counters stay integers)."""
         moved = {
             k: v.to(device=device, dtype=dtype if v.is_floating_point() else None)
@@ -88,13 +88,13 @@ class MemoryState:
         }
         return MemoryState(moved, self.metadata)
 
-    def select(self, rows: int | Iterable[int] | torch.Tensor) -> "MemoryState":
+    def select(self, rows: int | Iterable[int] | torch.Tensor) -> MemoryState:
         """The state of some rows (an int keeps a batch of one)."""
         index = torch.as_tensor([rows] if isinstance(rows, int) else list(rows) if not torch.is_tensor(rows) else rows)
         return MemoryState({k: v[index.to(v.device)] for k, v in self.tensors.items()}, self.metadata)
 
     @staticmethod
-    def stack(states: list["MemoryState"]) -> "MemoryState":
+    def stack(states: list[MemoryState]) -> MemoryState:
         """Concatenate rows of states from the same memory into one batch."""
         if not states:
             raise StateError("MemoryState.stack needs at least one state")
@@ -116,7 +116,7 @@ class MemoryState:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, expect: Mapping[str, str] | None = None, device=None) -> "MemoryState":
+    def load(cls, path: str | os.PathLike, expect: Mapping[str, str] | None = None, device=None) -> MemoryState:
         """Read a state file; `expect` lists metadata that must match (e.g. memory kind, config hash)."""
         path = Path(path)
         if not path.is_file():

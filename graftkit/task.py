@@ -19,8 +19,9 @@ from __future__ import annotations
 import re
 import string
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 from pydantic import Field
 
@@ -49,7 +50,7 @@ class Example:
     context_uid: str = ""  #: shared by the questions of one episode; defaults to `uid`
     length: str = ""  #: a length label where the task has lengths ("1k"), else ""
     info: dict[str, Any] = field(default_factory=dict, compare=False)  #: task-specific details (kept in predictions)
-    prompt: "Prompt | None" = field(default=None, compare=False)  #: set by `load_examples` from the task
+    prompt: Prompt | None = field(default=None, compare=False)  #: set by `load_examples` from the task
 
     def __post_init__(self):
         if not self.context_uid:

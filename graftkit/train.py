@@ -34,10 +34,10 @@ from graftkit.checkpoint import (
 )
 from graftkit.data.tasks import length_label
 from graftkit.errors import GraftkitError
+from graftkit.objectives import Objective, build_objectives
 from graftkit.plots import metric_lines
 from graftkit.progress import bar, status
 from graftkit.protocol import HiddenCache, turn2_batch
-from graftkit.objectives import Objective, build_objectives
 from graftkit.recall import RecallHead, load_initial_head, recall_stage
 from graftkit.recipe import Recipe
 from graftkit.run_dir import MARKER, check_foreign, run_lock

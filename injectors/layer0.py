@@ -25,19 +25,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from einops import repeat
-from pydantic import Field
-from torch import nn
-
-from graftkit.injector import InjectorConfig, state_dtype
 from graftkit.injectors.xattn import (
     DIM_HEAD_HELP,
     GATE_HELP,
     GATE_INIT_HELP,
     HEADS_HELP,
-    GateKind,
     GatedCrossAttention,
+    GateKind,
     MemoryTokenInjector,
 )
+from pydantic import Field
+from torch import nn
+
+from graftkit.injector import InjectorConfig, state_dtype
 
 
 class Layer0SoftPrompt(MemoryTokenInjector):

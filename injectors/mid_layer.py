@@ -15,20 +15,20 @@ Legend: b batch, n tokens, k memory tokens, d hidden size.
 
 from __future__ import annotations
 
-from pydantic import Field, model_validator
-from torch import nn
-
-from graftkit.injector import InjectorConfig, state_dtype, hook_output, replace_output
 from graftkit.injectors.xattn import (
     DIM_HEAD_HELP,
     GATE_HELP,
     GATE_INIT_HELP,
     HEADS_HELP,
-    GateKind,
     GatedCrossAttention,
+    GateKind,
     MemoryTokenInjector,
     check_layer,
 )
+from pydantic import Field, model_validator
+from torch import nn
+
+from graftkit.injector import InjectorConfig, hook_output, replace_output, state_dtype
 
 
 class MidLayer(MemoryTokenInjector):

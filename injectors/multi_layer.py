@@ -11,21 +11,21 @@ Legend: b batch, n tokens, k memory tokens, d hidden size.
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
-from torch import nn
-
-from graftkit.errors import GraftkitError
-from graftkit.injector import InjectorConfig, hook_output, replace_output
 from graftkit.injectors.xattn import (
     DIM_HEAD_HELP,
     GATE_HELP,
     GATE_INIT_HELP,
     HEADS_HELP,
-    GateKind,
     GatedCrossAttention,
+    GateKind,
     MemoryTokenInjector,
     check_layer,
 )
+from pydantic import Field, field_validator
+from torch import nn
+
+from graftkit.errors import GraftkitError
+from graftkit.injector import InjectorConfig, hook_output, replace_output
 
 DEFAULT_COUNT = 4
 

@@ -60,7 +60,7 @@ class AttentionSlotsMemory(Memory):
             "memory use is slots × chunk_size per head whatever the length.",
         )
 
-    def __init__(self, config: "AttentionSlotsMemory.Config"):
+    def __init__(self, config: AttentionSlotsMemory.Config):
         super().__init__(config)
         inner = config.heads * config.dim_head
         h, s, e = config.heads, config.slots, config.dim_head

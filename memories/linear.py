@@ -39,7 +39,17 @@ from einops import rearrange, repeat
 from pydantic import Field
 from torch import nn
 
-from graftkit.memory import KEY_SPAN_HELP, VALUE_OFFSET_HELP, VALUE_SPAN_HELP, KeyMix, Memory, MemoryConfig, ValueMix, look_ahead, without_last_written
+from graftkit.memory import (
+    KEY_SPAN_HELP,
+    VALUE_OFFSET_HELP,
+    VALUE_SPAN_HELP,
+    KeyMix,
+    Memory,
+    MemoryConfig,
+    ValueMix,
+    look_ahead,
+    without_last_written,
+)
 from graftkit.state import MemoryState
 
 # Biases at init: β = σ(0) = 0.5; decay σ(−6) ≈ 0.0025 per token (about 8% of a memory survives 1k
@@ -85,7 +95,7 @@ class LinearMemory(Memory):
             "(0 = off).",
         )
 
-    def __init__(self, config: "LinearMemory.Config"):
+    def __init__(self, config: LinearMemory.Config):
         super().__init__(config)
         inner = config.heads * config.dim_head
         self.to_keys = nn.Linear(self.dim, inner, bias=False)

@@ -131,7 +131,7 @@ class TitansMemory(Memory):
             "carry (decay and momentum), so every chunk's keys, values and gates still get gradients.",
         )
 
-    def __init__(self, config: "TitansMemory.Config"):
+    def __init__(self, config: TitansMemory.Config):
         super().__init__(config)
         inner = config.heads * config.dim_head
         self.to_keys = nn.Linear(self.dim, inner, bias=False)

@@ -55,7 +55,7 @@ class BabilongConfig(TaskConfig):
         return each_valid(value, parse_length)
 
     @model_validator(mode="after")
-    def _vendored(self) -> "BabilongConfig":
+    def _vendored(self) -> BabilongConfig:
         from graftkit.data.tasks import TASKS
 
         missing = [t for t in self.tasks if t not in TASKS]
@@ -129,8 +129,9 @@ class BabilongTask(Task):
         labels = [None] * len(samples)
         words = self._retold_words(split)  # whose pools stories are retold from: "test" (held out), "train" or None
         if words is not None:
-            from graftkit.data.metric import task_labels
             from graftkit.tasks.held_out import retell
+
+            from graftkit.data.metric import task_labels
 
             share = 1.0 if words == "test" else self.config.varied_share
             picked = [share >= 1 or np.random.default_rng([self.config.seed, 41, int(s.uid[:8], 16)]).random() < share

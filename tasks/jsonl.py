@@ -69,7 +69,7 @@ class Line(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _one_form(self) -> "Line":
+    def _one_form(self) -> Line:
         single = self.question is not None or self.answer is not None
         if single and self.questions is not None:
             raise ValueError("give either question and answer, or questions, not both")

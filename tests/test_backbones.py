@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from graftkit.backbones import sources
 
 import graftkit
-from graftkit.backbones import sources
 from graftkit.errors import GraftkitError
 
 FAMILIES = ["qwen2", "llama", "mistral"]

@@ -11,11 +11,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from einops import rearrange  # noqa: E402
-
-from graftkit.memories.linear import LinearMemory  # noqa: E402
-
 from binding_probe import states_at  # noqa: E402
+from einops import rearrange  # noqa: E402
+from graftkit.memories.linear import LinearMemory  # noqa: E402
 from key_overlap import fact_keys, fact_spans  # noqa: E402
 from qa1_errors import answer_index, bin_label, tokens_after_answer  # noqa: E402
 

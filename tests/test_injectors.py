@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from graftkit.injectors.multi_layer import default_layers
+from graftkit.injectors.xattn import TanhGate
 from matrix import ALL_BACKBONES, ALL_INJECTORS, ALL_MEMORIES, make_memory
 
 import graftkit
 from graftkit.api import graft_from_configs
 from graftkit.errors import GraftkitError, RecipeError
 from graftkit.graft import Graft, pad
-from graftkit.injectors.multi_layer import default_layers
-from graftkit.injectors.xattn import TanhGate
 from graftkit.state import MemoryState
 
 SMALL = {"num_tokens": 4}  # injector options that keep the matrix fast

@@ -23,7 +23,7 @@ from graftkit import hookimpl
 from graftkit.cli import main
 from graftkit.errors import DuplicateComponentError, GraftkitError, UnknownComponentError
 from graftkit.memory import Memory, MemoryConfig
-from graftkit.plugins import AUTOLOAD_ENV, DISABLE_ENV, HOOKS, PluginWarning, Plugins, get_plugins, reset_plugins
+from graftkit.plugins import AUTOLOAD_ENV, DISABLE_ENV, HOOKS, Plugins, PluginWarning, get_plugins, reset_plugins
 from graftkit.registry import KINDS
 
 BUILTIN_COMPONENTS = {

@@ -8,10 +8,10 @@ import warnings
 
 import pytest
 import torch
+from graftkit.tasks.babilong import babilong_examples
 from matrix import make_memory
 
 import graftkit
-from graftkit.tasks.babilong import babilong_examples
 from graftkit.graft import Graft
 from graftkit.protocol import HiddenCache, question_parts, turn2_batch
 from graftkit.train import TwoTurn

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-
 import json
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train import RECIPE, built_graft, recipe
 
 from graftkit.checkpoint import resolve_checkpoint
 from graftkit.errors import RecipeError
@@ -16,7 +16,6 @@ from graftkit.protocol import HiddenCache, turn2_batch
 from graftkit.recall import RecallHead, answer_logprobs, question_reads
 from graftkit.recipe import validate_recipe
 from graftkit.train import train
-from test_train import RECIPE, built_graft, recipe
 
 
 @pytest.fixture(autouse=True)
@@ -151,6 +150,7 @@ def test_the_recall_loss_of_a_training_pass_reads_what_the_recall_stage_reads(tm
     """The same questions with their answers appended (a training row) and without (a recall-stage row): the
     answer tokens come after the question, so the head sees the same reads and gives the same distribution."""
     from graftkit.tasks.babilong import babilong_examples
+
     from graftkit.objectives.recall import recall_logprobs
 
     graft = built_graft(tmp_path, {"kind": "mid_layer", "layer": 0, "direct_read": True})

@@ -233,9 +233,9 @@ PHASES = {  # phase -> (function graftkit.checkpoint calls, on which path, which
 def test_a_kill_at_any_phase_of_a_checkpoint_write_loses_nothing(pristine, tmp_path, monkeypatch, phase):
     """Killed while a checkpoint is written (an earlier one complete, and its best copy): the best checkpoint
     stays loadable, and --resume ends bit-exact with the uninterrupted run."""
-    import graftkit.checkpoint as checkpoint
     from safetensors.torch import load_file
 
+    import graftkit.checkpoint as checkpoint
     import graftkit.train
 
     monkeypatch.setenv("GRAFTKIT_CACHE", str(pristine / "cache"))

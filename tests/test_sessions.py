@@ -16,13 +16,13 @@ import textwrap
 
 import pytest
 import torch
+from graftkit.tasks.babilong import BabilongConfig, BabilongTask
 
 from graftkit.api import graft_from_configs
 from graftkit.cli import main
 from graftkit.errors import GraftkitError, StateError
 from graftkit.export import export_graft
 from graftkit.sessions import ask, chat_turn, fork, load_state, memorize, reset, save_state
-from graftkit.tasks.babilong import BabilongConfig, BabilongTask
 
 STORY = "Mary went to the kitchen. John moved to the garden."
 QUESTION = "Where is Mary?"

@@ -9,17 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-import graftkit
+from graftkit.tasks.jsonl import JsonlError, read_episodes
+from graftkit.tasks.profile import UNKNOWN, ProfileConfig, ProfileTask, vocabulary
 from test_plugins import _installed
 
+import graftkit
 from graftkit.api import configure
 from graftkit.cli import main
 from graftkit.errors import GraftkitError, RecipeError
 from graftkit.recipe import load_recipe, validate_recipe
 from graftkit.task import Example, Prompt, build_task, contains, exact_match, load_examples, normalize, token_f1
-from graftkit.tasks.jsonl import JsonlError, read_episodes
-from graftkit.tasks.profile import UNKNOWN, ProfileConfig, ProfileTask, vocabulary
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
@@ -356,7 +355,7 @@ def test_varied_training_retells_a_share_of_training_stories_in_words_disjoint_f
     test_words = re.compile(r"\b(" + "|".join(held_out.HELD_OUT_PLACES + held_out.HELD_OUT_OBJECTS) + r")\b")
     retold = [(old, new) for old, new in zip(before, after) if new.uid != old.uid]
     assert 15 <= len(retold) <= 45  # about half
-    for old, new in retold:
+    for _, new in retold:
         assert new.target in held_out.TRAIN_PLACES and new.target in new.info["labels"]
         assert not test_words.search(new.context) and not held_out.MOVE.search(" ".join(new.info["facts"]))
     assert all(new.uid == old.uid for old, new in zip(before, after) if new.context == old.context)

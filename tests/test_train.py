@@ -303,7 +303,8 @@ def test_eval_overrides_change_that_evaluation_only(tmp_path, capsys, monkeypatc
     args = ["--n", "2", "--lengths", "0k", "--rows", "graft"]
     assert main(["eval", str(tmp_path / "run"), "memory.write_floor=0.99", *args]) == 0
     assert seen[-1].config.write_floor == 0.99 and not seen[-1].training  # eval mode: the floor applies
-    assert json.loads((tmp_path / "run" / "eval" / "results.json").read_text())["overrides"] == ["memory.write_floor=0.99", "data.0.eval_lengths=[0k]"]
+    overrides = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())["overrides"]
+    assert overrides == ["memory.write_floor=0.99", "data.0.eval_lengths=[0k]"]
     assert (tmp_path / "run" / "recipe.yaml").read_text() == recipe_text
     capsys.readouterr()
     assert main(["eval", str(tmp_path / "run"), "memory.heads=4", *args]) == 1
@@ -314,6 +315,7 @@ def test_eval_overrides_change_that_evaluation_only(tmp_path, capsys, monkeypatc
 
 def test_training_samples_per_length(tmp_path):
     from graftkit.backbones.sources import byte_tokenizer
+
     from graftkit.task import build_task
     from graftkit.train import build_buckets
 
@@ -400,6 +402,7 @@ def test_read_loss_scores_the_answer_at_question_positions_only(tmp_path):
 ], ids=lambda i: i["kind"])
 def test_read_loss_is_added_to_the_answer_loss(tmp_path, injector):
     from graftkit.tasks.babilong import babilong_examples
+
     from graftkit.objectives.read import ReadLoss
     from graftkit.train import TwoTurn
 

@@ -125,9 +125,10 @@ class TrainConfig(Config):
         0.0,
         ge=0,
         description="Weight of a loss that keeps the grafted model the backbone where its memory is not asked for: "
-        "general prompts (disjoint from those `graftkit eval`'s preservation row scores), each followed by the bare "
-        "backbone's greedy answer, are read with the batch's memory states, and the grafted model's next-token "
-        "distributions over the answer are pulled to the bare backbone's (KL). 0 = off.",
+        "general prompts, each followed by the bare backbone's greedy answer, and passages of the training books "
+        "(all disjoint from what `graftkit eval`'s preservation row scores) are read with the batch's memory states, "
+        "and the grafted model's next-token distributions (over the answer; over the whole passage) are pulled to "
+        "the bare backbone's (KL). 0 = off.",
     )
     answer_space: bool = Field(
         False,

@@ -17,7 +17,9 @@ where r is the mixed read and E the backbone's input embeddings (rows e_y). For 
 embedding of token x, s_x = 1 and s_y is close to 0 for every other token (r's least-squares code over
 the vocabulary): the raise names the very token the memory holds, names and numbers never seen in
 training included. A read that mixes several stored tokens raises each by its share. The gate is a
-sigmoid of the position's final hidden state, starting at sigmoid(`gate_init`).
+sigmoid of the position's final hidden state, of how much of the position's slot distribution found
+written slots and of g, starting at sigmoid(`gate_init`). A learned end-of-turn raise (from the final
+state and the read) goes through the same gate: with the gate closed, the logits are the backbone's.
 
 It needs a memory whose reads are input embeddings: `episodic` with `values: input`, `write_layer: 0`
 and `standardize: false` (with `value_offset: 1`, the embedding of the token after the matched one). A
@@ -93,16 +95,19 @@ class CopyInjector(Injector):
         self.abstain = nn.Parameter(torch.zeros(hidden_size))  # the read where the question matches nothing
         self.tokens: torch.Tensor | None = None  # input embeddings (b n d) of the positions this block has seen
         self.gate = nn.Linear(hidden_size, 1)
+        self.gate_by_match = nn.Linear(2, 1, bias=False)  # the gate also sees the matched share and g
         self.stop = nn.Linear(2 * hidden_size, 1)  # the end-of-turn raise: from the final state and the read
         with torch.no_grad():
             self.gate.weight.zero_()
             self.gate.bias.fill_(config.gate_init)
+            self.gate_by_match.weight.zero_()
             self.stop.weight.zero_()
             self.stop.bias.zero_()
             self.follow.weight.zero_()
             self.follow.bias.fill_(FOLLOW_INIT)
         self.eos: int | None = None
         self.pooled: torch.Tensor | None = None
+        self.matched: torch.Tensor | None = None  # b n 2: the share of each position's distribution on slots, and g
         # derived from the backbone when attached (not graft tensors): G⁻¹ (d d) and the leverages e_y·G⁻¹e_y (V)
         self.register_buffer("code", torch.zeros(0), persistent=False)
         self.register_buffer("leverage", torch.zeros(0), persistent=False)
@@ -173,6 +178,7 @@ class CopyInjector(Injector):
         taken = self.carry(mixed, follow)
         unmatched = (1.0 - mixed.sum(-1, keepdim=True)).clamp(min=0.0) * (1.0 - follow)
         self.pooled = torch.matmul(taken, recall.kv["values"]) + unmatched * recall.keep[:, None, None] * self.abstain
+        self.matched = torch.cat([taken.sum(-1, keepdim=True), follow], -1)
         self.reads = self.pooled
         return None
 
@@ -218,11 +224,12 @@ class CopyInjector(Injector):
         k = output.shape[1]
         keep = rearrange(recall.keep, "b -> b 1 1")
         pooled = self.pooled[:, -k:]
-        raised = output.float() + torch.sigmoid(self.gate(final)) * keep * self.config.boost * self.scores(pooled)
+        gate = torch.sigmoid(self.gate(final) + self.gate_by_match(self.matched[:, -k:])) * keep
+        raised = output.float() + gate * self.config.boost * self.scores(pooled)
         if self.eos is not None:  # whether the answer ends here, learned from the position and what it recalled
             unit = F.rms_norm(pooled, pooled.shape[-1:], eps=1e-6)
-            stop = self.stop(torch.cat([F.rms_norm(final, final.shape[-1:], eps=1e-6), unit], dim=-1)) * keep
-            raised[..., self.eos] += stop[..., 0]
+            stop = self.stop(torch.cat([F.rms_norm(final, final.shape[-1:], eps=1e-6), unit], dim=-1))
+            raised[..., self.eos] += (gate * stop)[..., 0]
         return raised.to(output.dtype)
 
 

@@ -63,6 +63,21 @@ def test_an_empty_memory_keeps_the_backbone_and_cached_generation_matches(copy_g
     assert torch.equal(cached, graft.generate(ids, state, mask, max_new_tokens=5, use_cache=False))
 
 
+def test_a_closed_gate_keeps_the_backbone_with_a_full_memory(copy_graft):
+    """Every change the injector makes to the logits, the end-of-turn raise included, goes through its gate."""
+    graft = copy_graft()
+    ids, mask = question(graft, ["Where is Mary?", "Where is the football now?"])
+    state = graft.memorize(["Mary went to the kitchen.", "Sandra took the apple to the office."])
+    with torch.no_grad():
+        graft.injector.stop.bias.fill_(5.0)
+        opened = graft(ids, state, mask).logits
+        graft.injector.gate.bias.fill_(-1e4)
+        closed = graft(ids, state, mask).logits
+    bare = bare_logits(graft, ids, mask)
+    assert (opened - bare).abs().max() > 1.0
+    torch.testing.assert_close(closed, bare, atol=1e-5, rtol=0)
+
+
 def test_a_recalled_token_is_generated_even_if_never_seen(copy_graft):
     """One stored pair (a token, then x): every read returns x's embedding, and an open gate makes x the answer."""
     graft = copy_graft(gate_init=20.0, boost=1000.0)
@@ -82,7 +97,7 @@ def test_training_signal_reaches_the_query_the_pool_the_gate_and_the_keys(copy_g
     ids, mask = question(graft, ["Where is Mary?", "Where is the football now?"])
     graft(ids, state, mask, labels=ids).loss.backward()
     for name in ("injector.to_query.weight", "injector.window", "injector.to_window_query.weight", "injector.pool.to_q.weight",
-                 "injector.gate.weight", "injector.stop.weight", "memory.to_keys.weight", "memory.to_queries.weight",
+                 "injector.gate.weight", "injector.gate_by_match.weight", "injector.stop.weight", "memory.to_keys.weight", "memory.to_queries.weight",
                  "memory.to_beta.weight"):
         grad = dict(graft.named_parameters())[name].grad
         assert grad is not None and grad.abs().sum() > 0, name

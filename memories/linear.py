@@ -187,8 +187,8 @@ class LinearMemory(Memory):
         """β (b n h): the per-token write strengths `_write` uses (before masking).
 
         In eval mode, strengths below `write_floor` are 0. Training writes every strength: trained with
-        the floor in place, the gate wrote book text about five times as strongly and the floor thinned
-        16k contexts far less (docs/experiment-log.md)."""
+        the floor in place, the gate learns to write book text more strongly and the floor thins long
+        contexts far less."""
         logits = self.to_beta(x)
         if self.beta_ahead is not None:  # token t + j adds its own term, shifted back by j
             ahead = rearrange(self.beta_ahead(x), "b n (j h) -> b n j h", h=self.config.heads)

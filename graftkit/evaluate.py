@@ -88,7 +88,19 @@ def _scored(task: Task, sample, output: str) -> dict:
     return {
         "uid": sample.uid, "task": sample.info.get("task", task.name), "bucket": sample.bucket, "length": sample.length,
         "question": sample.question, "target": sample.target, "output": output.strip(), "correct": bool(task.score(sample, output)),
+        **({"kind": sample.info["kind"]} if "kind" in sample.info else {}),
     }
+
+
+def accuracy_by_kind(predictions: Sequence[dict]) -> dict:
+    """{row: {kind: {"accuracy", "n"}}} over the predictions whose task names a kind of question (e.g. `profile`:
+    told, updated, untold, stranger), every bucket together."""
+    groups: dict[str, dict[str, list[bool]]] = {}
+    for p in predictions:
+        if "kind" in p:
+            groups.setdefault(p["row"], {}).setdefault(p["kind"], []).append(p["correct"])
+    return {row: {kind: {"accuracy": float(np.mean(v)), "n": len(v)} for kind, v in sorted(kinds.items())}
+            for row, kinds in groups.items()}
 
 
 def chance(task: Task, samples: Sequence) -> float | None:
@@ -143,7 +155,7 @@ def evaluate(graft, recipe, n: int, rows: Sequence[str] = ROWS, progress: bool =
         preserved = preservation(graft, n=n, progress=progress)
         predictions += [{"row": "preservation", **p} for p in preserved.pop("answers")]
     return {"n": n, "tasks": [t.describe() for t in tasks], "cells": cells, "table": table, "preservation": preserved,
-            "predictions": predictions}
+            "kinds": accuracy_by_kind(predictions), "predictions": predictions}
 
 
 def check_rows(rows: Sequence[str]) -> None:
@@ -204,6 +216,9 @@ def markdown_table(result: dict) -> str:
     for row, cells in result["table"].items():
         values = [("n/a" if cells.get(k) is None else f"{cells[k]:.1%}") for k in keys]
         lines.append(f"| {ROW_TITLES[row]} | " + " | ".join(values) + " |")
+    for row, kinds in (result.get("kinds") or {}).items():
+        lines += ["", f"| {ROW_TITLES[row]}, by kind of question | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds),
+                  "| accuracy (questions) | " + " | ".join(f"{k['accuracy']:.1%} ({k['n']})" for k in kinds.values()) + " |"]
     kept = result.get("preservation")
     if kept:
         from graftkit.preservation import preservation_table

@@ -225,6 +225,13 @@ def test_a_run_trained_with_the_recall_stage_evaluates_on_an_open_answer_task(tm
     assert main(["eval", str(tmp_path / "run"), profile_block, "--n", "3", "--lengths", "0k", "--rows", "graft,chance"]) == 0
     results = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())
     assert results["cells"] == ["profile/1s/0k"] and results["table"]["chance"]["profile/1s/0k"] is None
+    predictions = [json.loads(line) for line in (tmp_path / "run" / "eval" / "predictions.jsonl").read_text().splitlines()]
+    kinds = results["kinds"]["graft"]  # the profile questions' kinds, each with its accuracy
+    assert set(kinds) <= {"told", "updated", "untold", "stranger"} and sum(k["n"] for k in kinds.values()) == len(predictions)
+    for kind, got in kinds.items():
+        mine = [p["correct"] for p in predictions if p["kind"] == kind]
+        assert got == {"accuracy": float(np.mean(mine)), "n": len(mine)}
+    assert "by kind of question" in (tmp_path / "run" / "eval" / "results.md").read_text()
     capsys.readouterr()
     assert main(["train", str(tmp_path / "run" / "recipe.yaml"), profile_block, f"output_dir={tmp_path / 'again'}"]) == 2
     assert "train.recall_steps: needs tasks with answers from a closed set" in capsys.readouterr().err

@@ -205,8 +205,8 @@ class ValueMix(nn.Module):
 
     `weight` (span d): row 0 weighs the current input, row j the input j written tokens ahead; all
     1/span at init (the window's mean). Not the identity, unlike `KeyMix`: started as the identity, the
-    look-ahead rows stay near zero in training and the option does nothing. Masked positions are skipped and contribute nothing; past the call's last
-    written input the window sees zeros.
+    look-ahead rows stay near zero in training and the option does nothing. Masked positions are skipped
+    and contribute nothing; past the call's last written input the window sees zeros.
     """
 
     def __init__(self, span: int, dim: int):

@@ -100,8 +100,7 @@ class PreserveLoss(Objective):
             out[kind] = {"ids": ids, "mask": mask, "compared": compared,
                          "top": torch.cat([r.top for r in rows]).to(hidden.device),
                          "logp": torch.cat([r.logp for r in rows]).to(hidden.device)}
-        head = graft.backbone.chat_parts("", "")[0]
-        return {"preserve": out, "preserve_prefix": head}
+        return {"preserve": out}
 
     def forward(self, graft, hidden, hidden_mask, batch):
         terms = []
@@ -111,7 +110,7 @@ class PreserveLoss(Objective):
             # labels where compared make the graft compute logits only there (the compared positions end the rows)
             labels = torch.full_like(ids, -100)
             labels[:, 1:] = torch.where(compared[:, :-1], ids[:, 1:], -100)
-            prefix = batch["preserve_prefix"] if kind == "prompt" else None
+            prefix = graft.backbone.chat_parts("", "")[0] if kind == "prompt" else None
             logits = graft(ids, state, attention_mask=rows["mask"], labels=labels, prefix_ids=prefix).logits
             terms.append(coarse_kl(logits[compared[:, -logits.shape[1]:]], rows["top"], rows["logp"]))
         kl = torch.stack(terms).mean()

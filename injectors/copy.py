@@ -31,6 +31,7 @@ Legend: b batch, n positions, k positions whose logits are computed, d hidden si
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +67,12 @@ class CopyInjector(Injector):
             description="The question query adds a learned mix of the input embeddings of the last `window` tokens "
             "(their mean at first): the words a fact was told with, names never seen in training included, find the "
             "tokens they were written next to. 0 = off.",
+        )
+        merge_heads: Literal["mean", "product"] = Field(
+            "mean",
+            description="How the memory heads' slot distributions combine: `mean`, a slot any head matches is read (an "
+            "or); `product`, their normalised product (empty slot included), a slot every head matches (an and: one "
+            "head can match the name, another the attribute).",
         )
         gate_init: float = Field(
             0.0,
@@ -171,7 +178,7 @@ class CopyInjector(Injector):
             query = query + self.to_window_query(F.rms_norm(mixed, mixed.shape[-1:], eps=1e-6))
         token_query = self.to_token_query(self.tokens[:, -n:].float())
         order = recall.kv["order"]  # b s: the slot at each place in write order
-        dists = [recall.memory.attend(q.to(dtype), recall.state).float().mean(1).gather(-1, order[:, None].expand(-1, n, -1))
+        dists = [self.merge(recall.memory.attend(q.to(dtype), recall.state).float()).gather(-1, order[:, None].expand(-1, n, -1))
                  for q in (query, token_query)]  # b n s each, in write order
         mixed = self.pool(hidden, torch.stack(dists, dim=2)) * self.seen(self.tokens)[:, -n:, None]  # b n s; padding takes nothing
         follow = torch.sigmoid(self.follow(F.rms_norm(hidden, hidden.shape[-1:], eps=1e-6)))  # b n 1
@@ -181,6 +188,14 @@ class CopyInjector(Injector):
         self.matched = torch.cat([taken.sum(-1, keepdim=True), follow], -1)
         self.reads = self.pooled
         return None
+
+    def merge(self, weights: torch.Tensor) -> torch.Tensor:
+        """One slot distribution (b n s) from the heads' (b h n s; the rest of each to the empty slot)."""
+        if self.config.merge_heads == "mean":
+            return weights.mean(1)
+        empty = (1.0 - weights.sum(-1, keepdim=True)).clamp(min=0.0)
+        log_weights = torch.cat([weights, empty], -1).clamp(min=1e-30).log().sum(1)
+        return log_weights.softmax(-1)[..., :-1]
 
     def carry(self, mixed: torch.Tensor, follow: torch.Tensor) -> torch.Tensor:
         """Slot distributions (b n s, write order) taken at each position: (1 − g) · the pooled one + g · the

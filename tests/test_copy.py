@@ -160,6 +160,18 @@ def test_a_value_is_copied_whole_from_one_match(copy_graft, monkeypatch):
     assert out[0, -4:].tolist() == [value[0], value[1], value[0], value[2]]
 
 
+def test_merged_heads_read_any_match_or_only_a_shared_one(copy_graft):
+    """Head 1 reads slots 0 and 1, head 2 slots 2 and 1 (each leaves 0.1 to the empty slot): the mean reads
+    the three alike, the product only slot 1, the one both heads match, in proportion to the empty slot as
+    both heads have it; heads that match nothing give a product that reads nothing."""
+    weights = torch.tensor([[0.6, 0.3, 0.0, 0.0], [0.0, 0.3, 0.6, 0.0]])[None, :, None]  # b h n s
+    mean = copy_graft(merge_heads="mean").injector.merge(weights)[0, 0]
+    torch.testing.assert_close(mean, torch.tensor([0.3, 0.3, 0.3, 0.0]))
+    merge = copy_graft(merge_heads="product").injector.merge
+    torch.testing.assert_close(merge(weights)[0, 0], torch.tensor([0.0, 0.9, 0.0, 0.0]), atol=1e-6, rtol=0)
+    assert merge(torch.zeros(1, 2, 1, 4)).abs().max() < 1e-6
+
+
 def test_the_abstain_read_answers_where_the_question_matches_nothing(copy_graft):
     graft = copy_graft(gate_init=20.0, boost=1000.0)
     with torch.no_grad():

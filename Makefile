@@ -31,7 +31,7 @@ test: setup
 
 lint: setup
 	$(PY) -m pip install --quiet -e '.[lint]'
-	$(VENV)/bin/ruff check graftkit backbones memories injectors tasks tests bench examples
+	$(VENV)/bin/ruff check graftkit backbones memories injectors tasks tests bench research examples
 
 bench: setup
 	$(PY) -m pip install --quiet -e '.[bench]'

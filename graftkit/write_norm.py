@@ -5,7 +5,7 @@ vector's norm is about 70% of a token's (a few "massive activation" channels), a
 mean |cosine| of about 0.5. Keys projected from such states overlap as much, and an associative memory
 cannot keep them apart: writes interfere and Titans' step cap shrinks every update. Subtracting the
 per-channel mean and dividing by the per-channel standard deviation brings the mean |cosine| to about
-0.14 before the memory's own projections (`bench/write_stats.py` measures both).
+0.14 before the memory's own projections (`research/write_stats.py` measures both).
 
 The statistics belong to the backbone and the write layer, not to the data of a run: a graft measures
 them once when it is built, on a fixed passage of the vendored training book, and they travel with

@@ -7,7 +7,7 @@ the mean strength on the qa1 fact tokens against the background tokens. This is 
 what a long context wears the stored facts with. Turn-1 states come from the hidden-state cache when
 `graftkit eval` has filled it, else from the backbone.
 
-    python bench/write_mass.py RUN_DIR [key=value ...] [--checkpoint best] [--lengths 1k,4k,16k] [--n 10] [--threads N] [--top K]
+    python research/write_mass.py RUN_DIR [key=value ...] [--checkpoint best] [--lengths 1k,4k,16k] [--n 10] [--threads N] [--top K]
 
 `key=value` change the run's recipe for this measurement, as with `graftkit eval` (e.g.
 `memory.write_floor=0.5`: the strengths are then the floored ones the memory writes with). `--top K`

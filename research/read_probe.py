@@ -8,7 +8,7 @@ train-split samples predicts the answer location from those reads, scored on the
 tells where answers are lost: a probe well above the graft means the backbone does not use what the
 memory returns; a probe at or below it means the memory does not return it.
 
-    python bench/read_probe.py RUN_DIR [--checkpoint best] [--length 1k] [--train 400] [--test 200] [--threads N]
+    python research/read_probe.py RUN_DIR [--checkpoint best] [--length 1k] [--train 400] [--test 200] [--threads N]
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ training can find the position that asks (the name) without being told where it 
 `--save FILE` writes the graft's tensors after the last step (memory and injector; the head is left
 out), in the layout `train.init_from` reads, so `graftkit train` can start from the recalled memory.
 
-    python bench/recall_only.py RECIPE [key=value ...] [--steps 600] [--every 100] [--test 200] [--save FILE] [--threads N]
+    python research/recall_only.py RECIPE [key=value ...] [--steps 600] [--every 100] [--test 200] [--save FILE] [--threads N]
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ delta-rule write of fact g changes the read of fact f's key by about its strengt
 so the different-person mean is the interference a long context's answers suffer from. Turn-1 states
 come from the hidden-state cache (`graftkit eval` fills it; what is missing is computed and stored).
 
-    python bench/key_overlap.py RUN_DIR [key=value ...] [--checkpoint best] [--lengths 1k,16k] [--n 30] [--threads N]
+    python research/key_overlap.py RUN_DIR [key=value ...] [--checkpoint best] [--lengths 1k,16k] [--n 30] [--threads N]
 """
 
 from __future__ import annotations

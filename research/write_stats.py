@@ -5,7 +5,7 @@ norm, the norm of the mean vector, the channels with the largest means, the mean
 (raw, and standardised with the graft's write statistics), and the mean |k_i·k_j| between unit memory
 keys of the recipe's freshly initialised memory, fed raw or standardised states.
 
-    python bench/write_stats.py [--recipe recipes/smollm2_titans_layer0.yaml] [--samples 8] [--threads N]
+    python research/write_stats.py [--recipe recipes/smollm2_titans_layer0.yaml] [--samples 8] [--threads N]
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ per head: the norm of each chunk's update u and of the memory-MLP weights after 
 ends non-finite are listed with their weight norms chunk by chunk. `--max-surprise none` replays without
 the bound (how runs trained before it behaved); by default the run's own setting is used.
 
-    python bench/titans_inner_loop.py RUN_DIR --checkpoint step-000450 --steps 451,453,454 [--max-surprise none] [--threads 1]
+    python research/titans_inner_loop.py RUN_DIR --checkpoint step-000450 --steps 451,453,454 [--max-surprise none] [--threads 1]
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def main() -> None:
     run = Path(args.run_dir)
     recipe, graft, _ = load_run(run, args.checkpoint)
     if recipe.memory.kind != "titans":
-        raise SystemExit(f"{run}: memory is {recipe.memory.kind!r}; this bench replays Titans writes only")
+        raise SystemExit(f"{run}: memory is {recipe.memory.kind!r}; this script replays Titans writes only")
     if args.max_surprise is not None:
         bound = None if args.max_surprise.lower() == "none" else float(args.max_surprise)
         graft.memory.config = graft.memory.config.model_copy(update={"max_surprise": bound})

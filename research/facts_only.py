@@ -6,11 +6,11 @@ facts written, the book text masked out of the write (`graftkit.train.background
 facts keep the hidden states they have inside the long context. The gap between the two columns is what
 writing book text costs; a gap between lengths in the second column would come from elsewhere.
 
-    python bench/facts_only.py RUN_DIR [key=value ...] [--checkpoint best] [--lengths 1k,16k] [--n 100] [--threads N] [--out FILE]
+    python research/facts_only.py RUN_DIR [key=value ...] [--checkpoint best] [--lengths 1k,16k] [--n 100] [--threads N] [--out FILE]
 
 `key=value` change the run's recipe for this measurement, as with `graftkit eval`. `--out` writes every
 answer as a line of JSON in the format of `graftkit eval`'s predictions.jsonl (row `graft` for the whole
-context, `facts_only` for the facts alone), so `bench/qa1_errors.py --row facts_only` can break it down.
+context, `facts_only` for the facts alone), so `research/qa1_errors.py --row facts_only` can break it down.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ location token's states is the sanity check. Chance is about 1 / (number of peop
 `--test-length L` scores the probes on test contexts of another length than they were fitted on (e.g.
 fitted at 1k, scored at 16k: whether what tells people apart at 1k still does in a long context).
 
-    python bench/binding_probe.py [--length 1k] [--test-length L] [--train 150] [--test 100]
+    python research/binding_probe.py [--length 1k] [--test-length L] [--train 150] [--test 100]
         [--layers 0,4,8,12,16,20,24,30] [--segment N] [--threads N]
 """
 

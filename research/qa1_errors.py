@@ -9,7 +9,7 @@ more), and how many wrong answers name the place of one of those later facts; th
 question only, not on the length, so two lengths' evaluations of the same questions compare question by
 question (at 1k, 4k and 16k the first 100 test questions are the same).
 
-    python bench/qa1_errors.py RUN_DIR/eval/predictions.jsonl --length 1k --n 200 [--recipe RUN_DIR/recipe.yaml] [--row graft] [--after] [--later]
+    python research/qa1_errors.py RUN_DIR/eval/predictions.jsonl --length 1k --n 200 [--recipe RUN_DIR/recipe.yaml] [--row graft] [--after] [--later]
 """
 
 from __future__ import annotations

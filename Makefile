@@ -36,6 +36,6 @@ lint: setup
 bench: setup
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) bench/memory_throughput.py
-	$(PY) bench/generation_overhead.py
-	$(PY) bench/recall_latency.py
-	$(PY) bench/train_step_cache.py
+	$(PY) bench/generation_overhead.py --recipe $(RECIPE)
+	$(PY) bench/recall_latency.py --recipe $(RECIPE)
+	$(PY) bench/train_step_cache.py --recipe $(RECIPE)

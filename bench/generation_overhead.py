@@ -1,25 +1,26 @@
-"""Greedy generation speed of a grafted SmolLM2 against the bare SmolLM2.
+"""Greedy generation speed of a grafted backbone against the bare backbone.
 
-The graft is the default recipe's pair: a titans memory (default options) written from a ~1k-token
-story, read by a `layer0_soft_prompt` injector (default options, gates opened a little so the gated
-path is the one a trained graft takes). The bare side is `backbone.model` driven by the same greedy
-loop as `Graft.generate` (prefill, then one token at a time with its own KV cache, mask and position
-ids), so the difference is the graft's own work: the memory read per forward pass, the soft-prompt
-tokens in the cache and the per-token gated cross-attention with a direct memory read.
+The graft is built from `--recipe` (default: the `make train` default, `recipes/smollm2_linear_mid_layer.yaml`:
+SmolLM2-135M-Instruct, a linear memory read at layer 7 by a `mid_layer` injector), untrained, in eval mode,
+its gates opened a little so the gated path is the one a trained graft takes; its memory is written from a
+~1k-token story. The bare side is `backbone.model` driven by the same greedy loop as `Graft.generate`
+(prefill, then one token at a time with its own KV cache, mask and position ids), so the difference is
+the graft's own work: the memory read in each forward pass (at every position, the new tokens of
+cached generation included), plus any memory tokens the injector adds to the prompt (a
+`layer0_soft_prompt` injector's soft prompt; the default adds none).
 
 Both sides generate exactly `--new-tokens` tokens: a hook on the LM head masks the end-of-sequence
 ids for both. Bare and grafted calls alternate (N-token and 1-token calls of each side in turn); each
 cell is the median over `--runs` timed runs, after one warm-up each. tok/s counts the new tokens of
 all rows over the whole call, prefill included; decode tok/s leaves the prefill out, as
-(N - 1) tokens per row over the difference between the N-token and the 1-token call. The grafted
-prefill is longer by the soft prompt (16 tokens per row); the decode steps differ by the gated
-per-token read only.
+(N - 1) tokens per row over the difference between the N-token and the 1-token call.
 
 On a shared machine `--threads 1` gives steadier numbers: idle OpenMP threads spin when other
 processes hold the cores.
 
     python bench/generation_overhead.py            # batch 1 and 8, 32 new tokens, 7 runs
     python bench/generation_overhead.py --quick    # batch 1 only, 8 new tokens, 3 runs
+    python bench/generation_overhead.py --recipe recipes/smollm2_titans_layer0.yaml
 """
 
 from __future__ import annotations
@@ -30,10 +31,10 @@ import statistics
 import time
 
 import torch
+from common import add_recipe_option, no_eos
 from graftkit.injectors.xattn import TanhGate
 
-import graftkit
-from graftkit.api import graft_from_configs
+from graftkit.api import build_graft
 from graftkit.graft import pad, positions
 from graftkit.kv_cache import cache_kwargs, output_cache
 from graftkit.state import MemoryState
@@ -79,42 +80,34 @@ def bare_generate(model, input_ids, attention_mask, max_new_tokens: int) -> torc
     return torch.stack(new, dim=1)
 
 
-def no_eos(backbone):
-    """Mask the stop ids in the LM head's logits so every run generates the full length."""
-    model, tok = backbone.model, backbone.tokenizer
-    stop = {tok.eos_token_id, *([model.generation_config.eos_token_id] if isinstance(model.generation_config.eos_token_id, int)
-                                  else model.generation_config.eos_token_id or [])}
-    stop = sorted(s for s in stop if s is not None)
-
-    def hook(module, args, output):
-        output[..., stop] = float("-inf")
-        return output
-
-    return model.get_output_embeddings().register_forward_hook(hook)
-
-
 def timed(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
 
 
-def main(argv: list[str] | None = None) -> None:
+def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_recipe_option(parser)
     parser.add_argument("--quick", action="store_true", help="batch 1 only, 8 new tokens, 3 runs")
     parser.add_argument("--runs", type=int, default=7, help="timed runs per cell (median reported)")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.quick:
         args.runs, args.new_tokens, args.batches = 3, 8, [1]
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = arguments(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
-    backbone = graftkit.load_backbone({"kind": "llama", "source": "smollm2-135m-instruct"})
-    graft = graft_from_configs(backbone, "titans", {}, "layer0_soft_prompt", {})
+    graft = build_graft(args.recipe).eval()
+    backbone = graft.backbone
     with torch.no_grad():
         for module in graft.injector.modules():
             if isinstance(module, TanhGate):
@@ -149,9 +142,9 @@ def main(argv: list[str] | None = None) -> None:
     handle.remove()
 
     print(
-        f"\nSmolLM2-135M-Instruct (float32, torch threads: {torch.get_num_threads()}), titans memory written from "
-        f"{n_context} tokens, layer0_soft_prompt ({graft.injector.config.num_tokens} soft-prompt tokens); "
-        f"{args.new_tokens} new tokens per row; medians of {args.runs} alternating runs.\n"
+        f"\n{args.recipe.name}, untrained: {backbone.config.source} ({backbone.dtype}, torch threads: "
+        f"{torch.get_num_threads()}), {graft.memory.name} memory written from {n_context} tokens, {graft.injector.name} "
+        f"injector; {args.new_tokens} new tokens per row; medians of {args.runs} alternating runs.\n"
         "tok/s counts all rows' new tokens over the whole call (prefill included); decode tok/s leaves out the "
         "prefill (time of a 1-token call).\n"
     )

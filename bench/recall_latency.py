@@ -1,10 +1,11 @@
 """Recall latency: answering one question from memory vs the bare backbone reading the full context.
 
 For each context length (BABILong qa1 test samples built with `prompt_reserve=0`, so the context itself
-has that many tokens) this times, on the embedded SmolLM2-135M-Instruct grafted as in
-`recipes/smollm2_titans_layer0.yaml`:
+has that many tokens) this times the graft `--recipe` builds (default: the `make train` default,
+`recipes/smollm2_linear_mid_layer.yaml`: the embedded SmolLM2-135M-Instruct, a linear memory written from
+layer 8, a `mid_layer` injector), in eval mode:
 
-- turn 1, memorize: the frozen backbone up to the write layer over the context, then the titans write
+- turn 1, memorize: the frozen backbone up to the write layer over the context, then the memory write
   (reported separately; it is paid once per text, not per question);
 - turn 2, answer from memory: the chat-templated question prompt alone (its length does not depend on
   the context), read against the written state, greedy decoding of exactly `--new-tokens` tokens;
@@ -21,6 +22,7 @@ costs to push that many tokens through the model, and its answer is meaningless 
 
     python bench/recall_latency.py            # 1k, 4k, 16k tokens, 3 runs
     python bench/recall_latency.py --quick    # 1k and 4k, 3 runs
+    python bench/recall_latency.py --recipe recipes/smollm2_titans_layer0.yaml
 """
 
 from __future__ import annotations
@@ -28,9 +30,9 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from common import add_recipe_option, no_eos
 
 from graftkit.api import build_graft
 from graftkit.data.babilong import build_babilong
@@ -39,23 +41,7 @@ from graftkit.data.tasks import parse_length
 from graftkit.graft import positions
 from graftkit.kv_cache import cache_kwargs, output_cache
 
-ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ROOT / "recipes" / "smollm2_titans_layer0.yaml"
 TASK = "qa1"
-
-
-def no_eos(backbone):
-    """Mask the stop ids in the LM head's logits so every run generates the full length."""
-    model, tok = backbone.model, backbone.tokenizer
-    configured = model.generation_config.eos_token_id
-    stop = {tok.eos_token_id, *(configured if isinstance(configured, list) else [configured])}
-    stop = sorted(s for s in stop if s is not None)
-
-    def hook(module, args, output):
-        output[..., stop] = float("-inf")
-        return output
-
-    return model.get_output_embeddings().register_forward_hook(hook)
 
 
 @torch.no_grad()
@@ -88,8 +74,9 @@ def median_time(fn, runs: int) -> float:
     return statistics.median(times)
 
 
-def main(argv: list[str] | None = None) -> None:
+def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_recipe_option(parser)
     parser.add_argument("--quick", action="store_true", help="lengths 1k and 4k only")
     parser.add_argument("--lengths", nargs="+", default=["1k", "4k", "16k"])
     parser.add_argument("--runs", type=int, default=3, help="timed runs per cell, median reported (at least 3)")
@@ -97,14 +84,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prefill-chunk", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.quick:
         args.lengths = ["1k", "4k"]
     args.runs = max(3, args.runs)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = arguments(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
-    graft = build_graft(RECIPE).eval()
+    graft = build_graft(args.recipe).eval()
     backbone = graft.backbone
     window = backbone.model.config.max_position_embeddings
     handle = no_eos(backbone)
@@ -139,9 +131,9 @@ def main(argv: list[str] | None = None) -> None:
     handle.remove()
 
     print(
-        f"\nSmolLM2-135M-Instruct (float32, {torch.get_num_threads()} threads) + untrained graft from {RECIPE.name} "
-        f"(titans, layer0_soft_prompt); BABILong {TASK} test sample per length (prompt_reserve=0); greedy, exactly "
-        f"{args.new_tokens} new tokens; median of {args.runs} runs\n"
+        f"\n{backbone.config.source} ({backbone.dtype}, {torch.get_num_threads()} threads) + untrained graft from "
+        f"{args.recipe.name} ({graft.memory.name} memory, {graft.injector.name} injector); BABILong {TASK} test sample "
+        f"per length (prompt_reserve=0); greedy, exactly {args.new_tokens} new tokens; median of {args.runs} runs\n"
     )
     print("| context | turn 1: memorize | memory state | turn 2 input | turn 2: answer from memory | full-context input | "
           "full context: answer | full ÷ memory |")

@@ -1,11 +1,13 @@
-"""Training step time with and without the turn-1 hidden-state cache, embedded SmolLM2.
+"""Training step time with and without the turn-1 hidden-state cache.
 
-One training step = turn-1 hidden states (read from the cache, or computed by the frozen backbone up to
-the write layer) -> memory write -> turn-2 forward/backward -> optimizer step. Both variants run in one
-process, alternating, on the same batches; the median of the repeats is reported, and the cached
-step's median per part (where the time goes once the cache has removed the context pass).
+The graft is built from `--recipe` (default: the `make train` default, `recipes/smollm2_linear_mid_layer.yaml`),
+with its batch size. One training step = turn-1 hidden states (read from the cache, or computed by the
+frozen backbone up to the write layer) -> memory write -> turn-2 forward/backward -> optimizer step: the
+two-turn answer loss only, without the recipe's auxiliary losses. Both variants run in one process,
+alternating, on the same batches; the median of the repeats is reported, and the cached step's median
+per part (where the time goes once the cache has removed the context pass).
 
-    python bench/train_step_cache.py [--recipe recipes/smollm2_titans_layer0.yaml] [--repeats 5] [--threads N]
+    python bench/train_step_cache.py [--recipe recipes/smollm2_linear_mid_layer.yaml] [--repeats 5] [--threads N]
 """
 
 from __future__ import annotations
@@ -16,18 +18,23 @@ import tempfile
 import time
 
 import torch
+from common import add_recipe_option
 
 PARTS = ("hidden states + turn-2 batch", "memory write", "turn-2 forward", "backward (both)", "optimizer")
 
 
-def main() -> None:
+def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", default="recipes/smollm2_titans_layer0.yaml")
+    add_recipe_option(parser)
     parser.add_argument("--length", default="1k", help="BABILong length of the training contexts")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="2 repeats")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = arguments(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     repeats = 2 if args.quick else args.repeats

@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 RECIPE ?= recipes/smollm2_linear_mid_layer.yaml
 RUN ?= runs/smollm2_linear_mid_layer
 
-.PHONY: setup train eval test lint bench
+.PHONY: setup train eval test lint bench docs
 
 setup: $(VENV)/.installed
 
@@ -39,3 +39,7 @@ bench: setup
 	$(PY) bench/generation_overhead.py --recipe $(RECIPE)
 	$(PY) bench/recall_latency.py --recipe $(RECIPE)
 	$(PY) bench/train_step_cache.py --recipe $(RECIPE)
+
+# The recipe reference, from the built-in components' Configs (installed plugins left out).
+docs: setup
+	GRAFTKIT_NO_PLUGIN_AUTOLOAD=1 $(VENV)/bin/graftkit reference --out docs/recipes.md

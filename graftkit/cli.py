@@ -44,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plugins", help="list plugins and the components they register")
     p.set_defaults(func=cmd_plugins)
 
+    p = sub.add_parser("reference", help="print the recipe reference (every key, its default and description) as Markdown")
+    p.add_argument("--out", help="write the reference to this file instead of standard output")
+    p.set_defaults(func=cmd_reference)
+
     p = sub.add_parser("train", help="train a graft from a recipe")
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="optional changes to the recipe, e.g. train.steps=100")
@@ -139,6 +143,18 @@ def cmd_plugins(args) -> int:
             owner = plugins.owner_of(kind, name)
             doc = (cls.__doc__ or "").strip().splitlines()
             print(f"  {name:24} [{owner.distribution}] {doc[0] if doc else ''}")
+    return 0
+
+
+def cmd_reference(args) -> int:
+    from graftkit.reference import render
+
+    text = render()
+    if args.out:
+        Path(args.out).write_text(text, encoding="utf-8")
+        print(f"recipe reference written to {args.out}")
+    else:
+        sys.stdout.write(text)
     return 0
 
 

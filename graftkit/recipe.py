@@ -69,7 +69,7 @@ class TrainConfig(Config):
         ge=0,
         description="Weight of an auxiliary loss on the memory's per-position reads of the question: decoded by the "
         "backbone's own final norm and LM head, some question position should name the answer's first token. "
-        "Needs an injector that reads the memory at every position (direct_read). 0 = off.",
+        "Needs an injector that reads the memory at every position (direct_read). 0 = off; metrics.jsonl logs it as read_loss.",
     )
     init_from: str | None = Field(
         None,
@@ -85,7 +85,8 @@ class TrainConfig(Config):
         description="Steps of a recall stage before the end-to-end steps: the memory and the injector's query learn to "
         "give back the answer (a linear head of the stage's own classifies the read at each question position; the "
         "distributions are mixed), at train.lr, constant. Needs an injector that reads the memory at every position "
-        "(direct_read). 0 = off; skipped by --resume.",
+        "(direct_read). 0 = off; skipped by --resume. metrics.jsonl logs recall_step, recall_loss, recall_acc and, at the end "
+        "of the stage, recall_eval (recall accuracy on the evaluation samples).",
     )
     recall_query: Literal["mixture", "last_word"] = Field(
         "mixture",
@@ -103,7 +104,8 @@ class TrainConfig(Config):
         description="Weight of the recall loss kept on during the end-to-end steps: the recall head (the one the recall "
         "stage trained, or a new one) goes on classifying the memory's reads of each training question the "
         "recall_query way, so the memory keeps what the stage taught it while the rest learns to use it. Needs an "
-        "injector that reads the memory at every position (direct_read). 0 = off.",
+        "injector that reads the memory at every position (direct_read). 0 = off; metrics.jsonl logs aux_recall_loss and "
+        "aux_recall_acc.",
     )
     write_cost: float = Field(
         0.0,
@@ -111,7 +113,8 @@ class TrainConfig(Config):
         description="Weight of a cost on writing during the end-to-end steps: the memory's write mass (its per-token "
         "write strengths summed over each context, averaged over rows and heads; a token written at full strength "
         "counts 1) times this weight is added to the loss, so the memory learns to write only what answers need and "
-        "a longer context wears it less. Needs a memory with per-token write strengths (linear: β; titans: θ). 0 = off.",
+        "a longer context wears it less. Needs a memory with per-token write strengths (linear: β; titans: θ). 0 = off; "
+        "metrics.jsonl logs write_mass.",
     )
     background_cost: float = Field(
         0.0,
@@ -119,7 +122,7 @@ class TrainConfig(Config):
         description="Weight of a cost on writing book text during the end-to-end steps: like write_cost, but the "
         "strengths are summed only over context tokens outside the episode's facts (tasks that build their "
         "contexts know where they put them; inference needs no such labels), so the memory learns to leave book text out with no cost on "
-        "writing facts. Needs a memory with per-token write strengths. 0 = off.",
+        "writing facts. Needs a memory with per-token write strengths. 0 = off; metrics.jsonl logs background_mass.",
     )
     preserve_weight: float = Field(
         0.0,
@@ -128,7 +131,7 @@ class TrainConfig(Config):
         "general prompts, each followed by the bare backbone's greedy answer, and passages of the training books "
         "(all disjoint from what `graftkit eval`'s preservation row scores) are read with the batch's memory states, "
         "and the grafted model's next-token distributions (over the answer; over the whole passage) are pulled to "
-        "the bare backbone's (KL). 0 = off.",
+        "the bare backbone's (KL). 0 = off; metrics.jsonl logs preserve_kl.",
     )
     answer_space: bool = Field(
         False,
@@ -148,15 +151,15 @@ class TrainConfig(Config):
 
 class Recipe(Config):
     schema_version: Literal[1] = Field(description="Recipe format version.")
-    backbone: ComponentBlock
-    memory: ComponentBlock
-    injector: ComponentBlock
+    backbone: ComponentBlock = Field(description="The frozen model: `kind` (its architecture) and its options, below.")
+    memory: ComponentBlock = Field(description="The memory: `kind` and that memory's options, below.")
+    injector: ComponentBlock = Field(description="How the memory's reads reach the backbone: `kind` and that injector's options, below.")
     data: list[TaskBlock] = Field(
         min_length=1,
         description="The tasks to train and evaluate on: one block (a mapping) or a list of blocks, each "
         "`{task: NAME, weight: ..., ...its options}`.",
     )
-    train: TrainConfig = Field(default_factory=TrainConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig, description="How the graft is trained, below.")
     output_dir: str = Field("runs/graft", description="Where checkpoints, metrics and plots are written.")
 
     # filled by the second pass: each block validated by its component's (or task's) own Config

@@ -47,7 +47,10 @@ FOLLOW_INIT = -2.0  # at first a position goes on copying the previous one's nex
 
 
 class CopyInjector(Injector):
-    """Raises the next-token logits of the tokens the memory recalls for the question."""
+    """Raises the next-token logits of the tokens the memory recalls for the question.
+
+    Needs a memory whose reads are input embeddings: `episodic` with `values: input`, `write_layer: 0` and
+    `standardize: false`."""
 
     name = "copy"
 

@@ -1,8 +1,9 @@
 """The README and the Makefile say the same as the code: the default recipe, its run folder, the recipe
-shown in full, and every recipe file named."""
+shown in full, every recipe file named, and every command, flag and make target the README uses."""
 
 from __future__ import annotations
 
+import argparse
 import re
 from pathlib import Path
 
@@ -55,3 +56,30 @@ def test_the_own_data_example_is_valid_and_is_the_shipped_file(tmp_path):
     assert lines[0] == shipped[0]
     recipe = graftkit.load_recipe(ROOT / "recipes" / "smollm2_jsonl.yaml")
     assert "recipes/smollm2_jsonl.yaml" in README and recipe.output_dir == "runs/my_graft" and "eval runs/my_graft" in README
+
+
+def code_in_readme() -> list[str]:
+    """The README's shell code: the lines of its bash and plain fenced blocks, and its inline `code` spans."""
+    blocks = [text for language, text in re.findall(r"```([a-z]*)\n(.*?)```", README, re.DOTALL) if language in ("", "bash")]
+    spans = re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", README, flags=re.DOTALL))
+    return [line for block in blocks for line in block.splitlines()] + spans
+
+
+def test_every_command_flag_and_make_target_the_readme_uses_exists():
+    from graftkit.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    used = []
+    for code in code_in_readme():
+        for name, rest in re.findall(r"(?:^|[\s/])graftkit ([a-z][a-z-]*)([^#]*)", code):
+            used.append(name)
+            assert name in commands, f"the README uses `graftkit {name}`, which is no command"
+            for flag in re.findall(r"(?<!\S)(--[a-z][a-z-]*)", rest):
+                assert flag in commands[name]._option_string_actions, f"`graftkit {name}` has no {flag}"
+        for target in re.findall(r"\bmake ([a-z]+)", code):
+            assert re.search(rf"^{target}:", MAKEFILE, re.MULTILINE), f"the Makefile has no target {target!r}"
+    assert {"train", "eval", "validate", "reference", "export", "memorize", "ask", "chat"} <= set(used)
+
+
+def test_the_readme_points_at_the_recipe_reference():
+    assert "[docs/recipes.md](docs/recipes.md)" in README and (ROOT / "docs" / "recipes.md").is_file()

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from graftkit.backbone import Backbone
 from graftkit.config import Config
 from graftkit.errors import GraftkitError
 from graftkit.memory import Memory
@@ -62,11 +63,11 @@ class Injector(nn.Module):
         return hidden if self.query_norm is None else self.query_norm(hidden)
 
     # -- hooks -------------------------------------------------------------------------------------
-    def attach(self, backbone) -> None:
-        """Register hooks on `backbone` (a graftkit backbone adapter) through `self.hook`."""
+    def attach(self, backbone: Backbone) -> None:
+        """Register hooks on `backbone` through `self.hook`."""
         raise NotImplementedError
 
-    def check_backbone(self, backbone) -> None:
+    def check_backbone(self, backbone: Backbone) -> None:
         """Refuse a second attach and a backbone of another width or depth than this injector was built for."""
         if self.attached:
             raise GraftkitError(f"injector {self.name!r} is already attached to a backbone; call detach() first")

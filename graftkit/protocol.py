@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from graftkit.backbones.sources import cache_dir
+from graftkit.cache import cache_dir
 from graftkit.errors import GraftkitError
 from graftkit.graft import Graft, pad
 

@@ -319,11 +319,16 @@ def _cross_checks(recipe: Recipe, injector_config: BaseModel, task_configs: list
 
 
 def _layer_problems(recipe: Recipe, injector_config: BaseModel) -> list[tuple[str, str]]:
-    """Layer indices outside the backbone, when its layer count is known without loading it."""
-    from graftkit.backbones.sources import layer_count
+    """Layer indices outside the backbone, when its adapter knows the layer count without loading it
+    (the optional `layer_count` classmethod of the backbone contract, `graftkit.backbone`)."""
+    from graftkit.plugins import get_plugins
 
     source = recipe.backbone.options().get("source")
-    count = layer_count(source, recipe.backbone.kind) if isinstance(source, str) else None
+    try:
+        counter = getattr(get_plugins().registries["backbone"].get(recipe.backbone.kind), "layer_count", None)
+    except UnknownComponentError:
+        return []  # reported by the second pass
+    count = counter(source) if counter is not None and isinstance(source, str) else None
     if count is None:
         return []
     problems = []

@@ -13,6 +13,7 @@ import numpy as np
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from graftkit.data.prompts import turn2_prompt
 from graftkit.data.tasks import DataError, check_split, check_task, each_valid, length_label, parse_length
 from graftkit.task import Example, Prompt, Task, TaskConfig
 
@@ -162,10 +163,7 @@ class BabilongTask(Task):
     @staticmethod
     def task_prompt(task: str) -> Prompt:
         """The turn-2 prompt of a bAbI task: the official instruction, then "Question: ..."."""
-        from graftkit.data.prompts import question_prompt
-
-        head, _, template = question_prompt(task, "{question}").rpartition("\n\n")
-        return Prompt(head, template)
+        return turn2_prompt(task)
 
     def score(self, example: Example, output: str) -> bool:
         from graftkit.data.metric import compare_answers

@@ -18,6 +18,7 @@ from graftkit.backbones import sources
 
 import graftkit
 from graftkit.backbone import Backbone
+from graftkit.cache import CACHE_ENV
 from graftkit.errors import GraftkitError
 
 FAMILIES = ["qwen2", "llama", "mistral"]
@@ -203,7 +204,7 @@ def test_tiny_random_is_seeded(backbone, tmp_path, monkeypatch):
     again = graftkit.load_backbone({"kind": backbone.name, "source": "tiny-random"})
     assert torch.equal(again.embedding.weight, backbone.embedding.weight)
     assert again.fingerprint() == backbone.fingerprint()
-    monkeypatch.setenv(sources.CACHE_ENV, str(tmp_path))  # keep the seed-1 model out of the shared cache
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))  # keep the seed-1 model out of the shared cache
     other = graftkit.load_backbone({"kind": backbone.name, "source": "tiny-random", "seed": 1})
     assert not torch.equal(other.embedding.weight, backbone.embedding.weight)
     assert other.fingerprint() != backbone.fingerprint()
@@ -277,7 +278,7 @@ def test_bad_backbone_options(tmp_path):
 
 def test_graftkit_cache_env_moves_the_cache(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
-    monkeypatch.setenv(sources.CACHE_ENV, str(cache))
+    monkeypatch.setenv(CACHE_ENV, str(cache))
     first = graftkit.load_backbone({"kind": "qwen2", "source": "tiny-random"})
     (model_dir,) = (cache / "models").iterdir()
     assert first.path == str(model_dir) and model_dir.name.startswith("tiny-random-qwen2-seed0")
@@ -301,7 +302,7 @@ def test_graftkit_cache_env_moves_the_cache(tmp_path, monkeypatch):
 def test_a_gguf_is_converted_once_per_content_wherever_it_lies(tmp_path, monkeypatch):
     import transformers
 
-    monkeypatch.setenv(sources.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     converted = []
 
     class Loader:

@@ -19,6 +19,7 @@ from graftkit.backbones.split_gguf import SPLITS, split_gguf
 
 from graftkit.cache import cache_dir
 from graftkit.errors import GraftkitError
+from graftkit.progress import status
 
 EMBEDDED = "smollm2-135m-instruct"
 TINY = "tiny-random"
@@ -117,9 +118,7 @@ def _converted_gguf(gguf: Path, label: str) -> Path:
     target = cache_dir() / "models" / f"{label}-{key}"
     if (target / "graftkit.json").is_file():
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from graftkit.progress import status
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # here, not at the top: transformers takes seconds to import
 
     with status(f"converting {gguf.name} to safetensors once (cache: {target})"):
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

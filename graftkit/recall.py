@@ -67,7 +67,7 @@ def question_reads(graft, cache, samples: Sequence) -> tuple[torch.Tensor, torch
 def input_reads(graft, width: int, field: str) -> torch.Tensor:
     """The injector's reads (b width d) in the last forward pass at the positions of its `width` input ids (the
     tokens an injector prepends dropped); an error naming `field` if the injector recorded none."""
-    reads = graft.injector.reads
+    reads = getattr(graft.injector, "reads", None)  # only a `PerPositionReads` injector keeps them
     if reads is None:
         raise GraftkitError(f"{field}: the injector recorded no per-position reads in this forward pass")
     return reads[:, reads.shape[1] - width :]

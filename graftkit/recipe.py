@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from graftkit.config import Config
 from graftkit.data.tasks import DataError, length_label
 from graftkit.errors import RecipeError, UnknownComponentError
+from graftkit.injector import reads_each_position
 from graftkit.memory import Memory
 from graftkit.plugins import get_plugins
 
@@ -279,11 +280,10 @@ def _cross_checks(recipe: Recipe, injector_config: BaseModel, task_configs: list
     """Problems that involve more than one block."""
     tasks = get_plugins().registries["task"]
     injector = get_plugins().registries["injector"].get(recipe.injector.kind)
-    per_position = getattr(injector, "reads_each_position", None)  # third-party classes may predate it
     problems = []
     for field, value in (("read_loss", recipe.train.read_loss), ("recall_steps", recipe.train.recall_steps),
                          ("recall_weight", recipe.train.recall_weight)):
-        if value > 0 and not (per_position and per_position(injector_config)):
+        if value > 0 and not reads_each_position(injector, injector_config):
             problems.append((
                 f"train.{field}",
                 f"needs an injector that reads the memory at every position; {recipe.injector.kind!r} as configured "

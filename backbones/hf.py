@@ -1,8 +1,8 @@
 """The Hugging Face causal-LM adapter, registered once per family (qwen2, llama, mistral).
 
-The adapter loads the model frozen (every parameter `requires_grad=False`, eval mode) and exposes
-what grafts need: the embedding, the decoder layers, the chat template, and hidden states at a layer
-computed with only the layers below it.
+The adapter implements the backbone contract (`graftkit.backbone.Backbone`): it loads the model frozen
+(every parameter `requires_grad=False`, eval mode) and exposes what grafts need: the embedding, the
+decoder layers, the chat template, and hidden states at a layer computed with only the layers below it.
 
 Legend: b batch, n tokens, d hidden size.
 """
@@ -18,6 +18,7 @@ from graftkit.backbones import sources
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from graftkit.backbone import Backbone
 from graftkit.errors import GraftkitError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -44,14 +45,14 @@ class _StopForward(Exception):
     """Raised by a hook to end a forward pass once the wanted layer has run."""
 
 
-class HFBackbone:
+class HFBackbone(Backbone):
     """A frozen transformers causal LM of one family."""
 
     name: ClassVar[str]
     Config: ClassVar[type[BackboneConfig]] = BackboneConfig
 
     def __init__(self, config: BackboneConfig):
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # here, not at the top: it takes seconds to import
 
         self.config = config
         path, extra = sources.resolve(config.source, self.name, config.seed)
@@ -75,6 +76,11 @@ class HFBackbone:
         if config.quantize == "nf4":
             _keep_nf4_differentiable(self.model)
         self.path = path
+
+    @classmethod
+    def layer_count(cls, source: str) -> int | None:
+        """The decoder layer count of `source` when it is known without loading weights, else None."""
+        return sources.layer_count(source, cls.name)
 
     # -- structure ---------------------------------------------------------------------------------
     @property

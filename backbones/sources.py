@@ -3,7 +3,7 @@ registry, `split_gguf`), tiny random models, the hub.
 
 Everything that has to be converted (GGUF dequantization, tiny random initialisation) is written once
 to the cache directory as safetensors and loaded from there afterwards.
-The cache lives in ``$GRAFTKIT_CACHE`` (default ``~/.cache/graftkit``).
+The cache lives in ``$GRAFTKIT_CACHE`` (default ``~/.cache/graftkit``; `graftkit.cache`).
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ from pathlib import Path
 
 from graftkit.backbones.split_gguf import SPLITS, split_gguf
 
+from graftkit.cache import cache_dir
 from graftkit.errors import GraftkitError
+from graftkit.progress import status
 
 EMBEDDED = "smollm2-135m-instruct"
 TINY = "tiny-random"
-CACHE_ENV = "GRAFTKIT_CACHE"
 FORMAT = 1  # bump when the layout of converted directories changes
 TINY_VERSION = 2  # bump when TINY_CONFIGS change (names the cached tiny models)
 
@@ -41,11 +42,6 @@ TINY_CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-
-
-def cache_dir() -> Path:
-    root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "graftkit")
-    return root
 
 
 def resolve(source: str, family: str, seed: int = 0) -> tuple[str, dict]:
@@ -122,9 +118,7 @@ def _converted_gguf(gguf: Path, label: str) -> Path:
     target = cache_dir() / "models" / f"{label}-{key}"
     if (target / "graftkit.json").is_file():
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from graftkit.progress import status
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # here, not at the top: transformers takes seconds to import
 
     with status(f"converting {gguf.name} to safetensors once (cache: {target})"):
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

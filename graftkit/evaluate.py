@@ -16,10 +16,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from graftkit.api import build_graft
+from graftkit.backbone import Backbone
+from graftkit.checkpoint import load_graft_tensors, resolve_checkpoint
 from graftkit.errors import GraftkitError
 from graftkit.graft import pad
+from graftkit.preservation import preservation, preservation_table
 from graftkit.progress import bar
 from graftkit.protocol import HiddenCache, turn2_batch
+from graftkit.recipe import load_recipe
 from graftkit.task import Task, build_task, load_examples
 
 ROWS = ("graft", "empty", "full_context", "question_only", "chance", "preservation")
@@ -56,7 +61,7 @@ def graft_predictions(graft, task: Task, samples: Sequence, cache: HiddenCache |
 
 
 @torch.no_grad()
-def backbone_predictions(backbone, task: Task, samples: Sequence, full_context: bool, batch_size: int = 4,
+def backbone_predictions(backbone: Backbone, task: Task, samples: Sequence, full_context: bool, batch_size: int = 4,
                          max_new_tokens: int = 32, progress: bool = False) -> list[dict] | None:
     """The bare backbone answering with the task's full-context prompt, or the question alone; None when a
     full-context prompt is longer than the backbone can read."""
@@ -150,8 +155,6 @@ def evaluate(graft, recipe, n: int, rows: Sequence[str] = ROWS, progress: bool =
                     print(f"  {key:14} {row:14} {table[row][key]:.1%}", flush=True)
     preserved = None
     if "preservation" in rows:
-        from graftkit.preservation import preservation
-
         preserved = preservation(graft, n=n, progress=progress)
         predictions += [{"row": "preservation", **p} for p in preserved.pop("answers")]
     return {"n": n, "tasks": [t.describe() for t in tasks], "cells": cells, "table": table, "preservation": preserved,
@@ -171,10 +174,6 @@ def evaluate_run(run_dir, n: int = 200, checkpoint: str = "best", rows=None, pro
     to `out` (default RUN_DIR/eval). `overrides` (`key=value`) change the run's recipe for this
     evaluation only, e.g. `data.eval_lengths=[16k]` or a memory's `write_floor`; settings that change the
     shapes of the graft's tensors are refused when its checkpoint is loaded."""
-    from graftkit.api import build_graft
-    from graftkit.checkpoint import load_graft_tensors, resolve_checkpoint
-    from graftkit.recipe import load_recipe
-
     run_dir = Path(run_dir)
     if not (run_dir / "recipe.yaml").is_file():
         raise GraftkitError(f"{run_dir}: not a graftkit run directory (no recipe.yaml)")
@@ -221,14 +220,12 @@ def markdown_table(result: dict) -> str:
                   "| accuracy (questions) | " + " | ".join(f"{k['accuracy']:.1%} ({k['n']})" for k in kinds.values()) + " |"]
     kept = result.get("preservation")
     if kept:
-        from graftkit.preservation import preservation_table
-
         lines += ["", preservation_table(kept)]
     return "\n".join(lines)
 
 
 def chart(result: dict, path: Path) -> None:
-    import matplotlib
+    import matplotlib  # imported only to draw: it takes a while to load
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -37,7 +37,14 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from graftkit.api import graft_from_configs, load_backbone
+from graftkit.backbone import Backbone
+from graftkit.checkpoint import load_run
 from graftkit.errors import ExportError, GraftkitError
+from graftkit.graft import Graft
+from graftkit.model_card import model_card
+from graftkit.plugins import _version, get_plugins
+from graftkit.task import build_task
 
 EXPORT_FORMAT = "graftkit.export"
 FORMAT_VERSION = 1  #: the newest export format this graftkit writes and reads
@@ -45,6 +52,8 @@ CONFIG_FILE = "graft_config.json"
 TENSORS_FILE = "graft_model.safetensors"
 README_FILE = "README.md"
 EXPORT_FILES = (CONFIG_FILE, TENSORS_FILE, README_FILE)
+FILE_CONTENTS = {CONFIG_FILE: "configuration and provenance", TENSORS_FILE: "graft tensors (safetensors, no pickle)",
+                 README_FILE: "this card"}  #: what each file holds, for the model card
 TENSORS_FORMAT = "graftkit.graft_tensors/1"
 COMPONENTS = ("backbone", "memory", "injector")
 
@@ -114,14 +123,12 @@ class ExportConfig(_Open):
 
 
 # -- export ------------------------------------------------------------------------------------------------
-def export_run(run_dir, out, checkpoint: str | int = "best", backbone=None) -> Path:
+def export_run(run_dir, out, checkpoint: str | int = "best", backbone: Backbone | None = None) -> Path:
     """Export checkpoint `checkpoint` ('best', 'last' or a step) of a training run to directory `out`.
 
     Pass `backbone` to reuse an already loaded backbone (it must be the recipe's); the graft built for
     the export is detached from it afterwards. Returns the export directory.
     """
-    from graftkit.checkpoint import load_run
-
     run_dir, out = Path(run_dir), Path(out)
     if not (run_dir / "recipe.yaml").is_file():
         raise ExportError(f"{run_dir}: not a graftkit run directory (no recipe.yaml)")
@@ -143,7 +150,7 @@ def export_run(run_dir, out, checkpoint: str | int = "best", backbone=None) -> P
 
 
 def export_graft(
-    graft,
+    graft: Graft,
     out,
     *,
     recipe_yaml: str | None = None,
@@ -158,9 +165,6 @@ def export_graft(
     configs it was trained on, `recipe.task_configs()`) are described in the card, and their named prompts
     are recorded so that `graftkit ask --task NAME` can put a question the way training did.
     """
-    from graftkit.plugins import _version, get_plugins
-    from graftkit.task import build_task
-
     out = Path(os.path.abspath(out))  # "." or "a/.." need a real name for the temporary sibling
     check_target(out)
     backbone, plugins = graft.backbone, get_plugins()
@@ -200,9 +204,8 @@ def export_graft(
         _readable(tmp / TENSORS_FILE)
         config["files"][TENSORS_FILE] = _file_record(tmp / TENSORS_FILE)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n", encoding="utf-8")
-        from graftkit.model_card import model_card
-
-        card = model_card(config, tensors, recipe_yaml=recipe_yaml, evaluation=evaluation, source=source, out=out)
+        card = model_card(config, tensors, recipe_yaml=recipe_yaml, evaluation=evaluation, source=source, out=out,
+                          files=FILE_CONTENTS)
         (tmp / README_FILE).write_text(card, encoding="utf-8")
         _replace_dir(tmp, out)
     finally:
@@ -306,8 +309,6 @@ def read_export_config(directory) -> dict:
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise ExportError(f"{path}: damaged (format_version is {version!r}, expected an integer from 1)")
     if version > FORMAT_VERSION:
-        from graftkit.plugins import _version
-
         raise ExportError(
             f"{path}: export format {version} (written by graftkit {raw.get('graftkit_version', '?')}) is newer than this "
             f"graftkit {_version('graftkit')} reads (up to {FORMAT_VERSION}): pip install --upgrade graftkit"
@@ -345,15 +346,12 @@ def _drop_extras(model: BaseModel) -> dict:
     return out
 
 
-def load_graft(directory, backbone=None):
+def load_graft(directory, backbone: Backbone | None = None) -> Graft:
     """A `Graft` from an export directory, on the backbone its manifest names or on `backbone`.
 
     The returned graft is in eval mode and carries the export's configuration as `graft.export_config`
     (e.g. `graft.export_config["tasks"]`). Raises `ExportError` when the export cannot be loaded here.
     """
-    from graftkit.api import graft_from_configs, load_backbone
-    from graftkit.plugins import get_plugins
-
     directory = Path(directory)
     config = read_export_config(directory)
     path = directory / CONFIG_FILE
@@ -404,8 +402,6 @@ def _component_class(plugins, kind: str, name: str, record: Mapping[str, str]):
         return registry.classes[name]
     dist, version = record["distribution"], record["version"]
     if dist == "graftkit":
-        from graftkit.plugins import _version
-
         here = _version("graftkit")
         hint = (f"this graftkit ({here}) has no {kind} {name!r}; the export names one of its own that does not exist"
                 if here == version else f"pip install --upgrade 'graftkit>={version}'")
@@ -446,7 +442,7 @@ def _read_tensors(path: Path, record: Mapping[str, Any] | None) -> dict[str, tor
         raise ExportError(f"{path}: truncated or damaged safetensors file ({exc})") from None
 
 
-def check_backbone(manifest: Mapping[str, Any], backbone, directory: Path) -> None:
+def check_backbone(manifest: Mapping[str, Any], backbone: Backbone, directory: Path) -> None:
     """Refuse a backbone of another family, width, depth or tokenizer than the graft was trained on."""
     have = backbone.manifest()
     checks = (

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from graftkit.backbone import Backbone
 from graftkit.errors import GraftkitError
 from graftkit.injector import Injector
 from graftkit.kv_cache import cache_kwargs, cache_name, output_cache
@@ -32,7 +33,7 @@ class Graft(nn.Module):
     `trainable_parameters()` hold graft tensors only.
     """
 
-    def __init__(self, backbone, memory: Memory, injector: Injector, calibrate: bool = True):
+    def __init__(self, backbone: Backbone, memory: Memory, injector: Injector, calibrate: bool = True):
         """`calibrate=False` leaves the write statistics unmeasured (the identity): for callers that load
         trained graft tensors next, which carry them."""
         super().__init__()
@@ -191,7 +192,7 @@ class Graft(nn.Module):
         """(cache, full attention mask, position ids) for inputs that follow an optional shared prefix."""
         if not prefix_kv:
             return None, mask, positions(mask)
-        from transformers import DynamicCache
+        from transformers import DynamicCache  # here, not at the top: transformers takes seconds to import
 
         cache = DynamicCache(config=self.backbone.model.config)
         batch = mask.shape[0]

@@ -2,7 +2,8 @@
 
 An injector owns its parameters, attaches removable hooks to the backbone, and during a forward pass
 reads from the memory state bound with `reading(memory, state)`. Removing the hooks (`detach`)
-restores the bare backbone exactly.
+restores the bare backbone exactly. An injector that reads the memory once per input position can
+also keep those reads for the training objectives that score them (`PerPositionReads`).
 
 Legend: b batch, n tokens, k memory tokens, d hidden size.
 """
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from graftkit.backbone import Backbone
 from graftkit.config import Config
 from graftkit.errors import GraftkitError
 from graftkit.memory import Memory
@@ -30,9 +32,10 @@ class InjectorConfig(Config):
 class Injector(nn.Module):
     """Base class of every injector plugin.
 
-    Subclasses implement `attach` (register hooks with `self.hook(...)`), `prepare` (compute what the
-    hooks need from the memory, once per forward pass) and optionally `prepare_inputs` (e.g. prepend
-    soft-prompt tokens to the input embeddings).
+    Subclasses implement `_attach` (register hooks with `self.hook(...)`; `attach` runs the checks of
+    `check_backbone` first), `prepare` (compute what the hooks need from the memory, once per forward
+    pass) and optionally `prepare_inputs` (e.g. prepend soft-prompt tokens to the input embeddings). A
+    subclass may override `attach` itself instead; it then calls `check_backbone` on its own.
     """
 
     name: ClassVar[str]
@@ -48,25 +51,22 @@ class Injector(nn.Module):
         # Set by the graft: standardises hidden states (b n d) the way written ones are (the graft's
         # WriteNorm), for injectors that query the memory with backbone hidden states; None = as they are.
         self.query_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
-        # What the memory returned at each input position (b n d) in the last forward pass, for injectors
-        # that read it per position (`reads_each_position`); None otherwise. Used by `train.read_loss`.
-        self.reads: torch.Tensor | None = None
-
-    @classmethod
-    def reads_each_position(cls, config: InjectorConfig) -> bool:
-        """Whether an injector so configured reads the memory once per input position (and sets `reads`)."""
-        return False
 
     def normalize_query(self, hidden: torch.Tensor) -> torch.Tensor:
         """`hidden` (b n d) as the memory saw written states: through `query_norm` when the graft set one."""
         return hidden if self.query_norm is None else self.query_norm(hidden)
 
     # -- hooks -------------------------------------------------------------------------------------
-    def attach(self, backbone) -> None:
-        """Register hooks on `backbone` (a graftkit backbone adapter) through `self.hook`."""
+    def attach(self, backbone: Backbone) -> None:
+        """Check `backbone` (`check_backbone`), then register hooks on it (`_attach`)."""
+        self.check_backbone(backbone)
+        self._attach(backbone)
+
+    def _attach(self, backbone: Backbone) -> None:
+        """Register hooks on `backbone` through `self.hook`."""
         raise NotImplementedError
 
-    def check_backbone(self, backbone) -> None:
+    def check_backbone(self, backbone: Backbone) -> None:
         """Refuse a second attach and a backbone of another width or depth than this injector was built for."""
         if self.attached:
             raise GraftkitError(f"injector {self.name!r} is already attached to a backbone; call detach() first")
@@ -92,7 +92,6 @@ class Injector(nn.Module):
     @contextlib.contextmanager
     def reading(self, memory: Memory, state: MemoryState):
         """Bind a memory state for the forward passes inside the block."""
-        self.reads = None
         self.context = self.prepare(memory, state)
         try:
             yield self.context
@@ -109,6 +108,48 @@ class Injector(nn.Module):
         Tokens added here are prepended; the graft shifts labels and position ids to match.
         """
         return embeds, attention_mask
+
+
+class PerPositionReads(Injector):
+    """Base of an injector that reads the memory once per input position and keeps those reads.
+
+    During a forward pass its hooks store what the memory returned at each input position (b n d) in
+    `reads` (None at the start of each `reading` block); `reads_each_position(config)` says whether an
+    injector so configured does. Only training uses them: `train.read_loss`, the recall stage
+    (`train.recall_steps`) and `train.recall_weight` score the reads themselves.
+    """
+
+    def __init__(self, config: InjectorConfig, hidden_size: int, num_layers: int):
+        super().__init__(config, hidden_size, num_layers)
+        self.reads: torch.Tensor | None = None
+
+    @classmethod
+    def reads_each_position(cls, config: InjectorConfig) -> bool:
+        """Whether an injector so configured reads the memory once per input position (and sets `reads`)."""
+        return True
+
+    @contextlib.contextmanager
+    def reading(self, memory: Memory, state: MemoryState):
+        self.reads = None
+        with super().reading(memory, state) as context:
+            yield context
+
+
+def reads_each_position(injector_class: type, config: InjectorConfig) -> bool:
+    """Whether injectors of `injector_class` so configured read the memory at every position and keep the reads
+    (false for a class without `reads_each_position`)."""
+    method = getattr(injector_class, "reads_each_position", None)
+    return bool(method is not None and method(config))
+
+
+def check_layer(layer: int, num_layers: int, where: str) -> int:
+    """A decoder-layer index (0-based, negative counts from the end) checked against the backbone's
+    `num_layers`, as an index from 0; `where` names the recipe field in the message."""
+    if not -num_layers <= layer < num_layers:
+        raise GraftkitError(
+            f"{where}: layer {layer} is outside 0..{num_layers - 1} (this backbone has {num_layers} decoder layers)"
+        )
+    return layer % num_layers
 
 
 class MemoryTokens(nn.Module):

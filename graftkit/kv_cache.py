@@ -13,7 +13,7 @@ from typing import Any
 @functools.cache
 def cache_name() -> str:
     """`cache` on transformers ≥ 5.24, else `past_key_values`."""
-    from transformers.modeling_outputs import CausalLMOutputWithPast
+    from transformers.modeling_outputs import CausalLMOutputWithPast  # here, not at the top: transformers takes seconds to import
 
     return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 

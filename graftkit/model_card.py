@@ -7,11 +7,13 @@ from pathlib import Path
 
 import torch
 
-from graftkit.export import CONFIG_FILE, README_FILE, TENSORS_FILE
+from graftkit.plugins import get_plugins
+from graftkit.task import Task
 
 
 def model_card(config: dict, tensors: Mapping[str, torch.Tensor], recipe_yaml: str | None, evaluation: str | None,
-               source: str | None, out: Path) -> str:
+               source: str | None, out: Path, files: Mapping[str, str]) -> str:
+    """The card's markdown; `files` names each file of the export and what it holds."""
     manifest, plugins = config["backbone_manifest"], config["plugins"]
     mem, inj = config["memory"], config["injector"]
     params = sum(t.numel() for t in tensors.values())
@@ -85,16 +87,12 @@ def model_card(config: dict, tensors: Mapping[str, torch.Tensor], recipe_yaml: s
         lines += ["Two-turn protocol, on the tasks above (`graftkit eval`):", "", evaluation.rstrip()]
     else:
         lines += ["Not evaluated: the run directory had no `eval/results.md` (run `graftkit eval RUN_DIR` before exporting)."]
-    lines += ["", "## Files", "", f"- `{CONFIG_FILE}`: configuration and provenance",
-              f"- `{TENSORS_FILE}`: graft tensors (safetensors, no pickle)", f"- `{README_FILE}`: this card", ""]
+    lines += ["", "## Files", "", *(f"- `{name}`: {contents}" for name, contents in files.items()), ""]
     return "\n".join(lines)
 
 
 def _demo(tasks: list[dict]) -> tuple[str, str]:
     """A statement and a question about it, from the first trained task that is installed here."""
-    from graftkit.plugins import get_plugins
-    from graftkit.task import Task
-
     registry = get_plugins().registries["task"]
     for t in tasks:
         if t.get("task") in registry.classes:

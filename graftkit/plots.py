@@ -20,7 +20,7 @@ def metric_lines(path: Path) -> list[tuple[str, dict]]:
 
 
 def plot_metrics(metrics_path: Path, out_dir: Path) -> list[Path]:
-    import matplotlib
+    import matplotlib  # imported only to draw: it takes a while to load
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

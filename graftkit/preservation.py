@@ -18,6 +18,7 @@ import itertools
 import numpy as np
 import torch
 
+from graftkit.data.books import load_books
 from graftkit.graft import pad
 from graftkit.progress import bar
 from graftkit.state import MemoryState
@@ -67,8 +68,6 @@ def general_prompts() -> list[str]:
 
 def _openings(n: int, shift: int = 0) -> list[str]:
     """The first eight words of `n` sentences of the vendored training books, evenly spaced (`shift` sentences on)."""
-    from graftkit.data.books import load_books
-
     sentences = [s for book in load_books("train") for s in book.sentences if len(s.split()) >= 12]
     step = max(1, len(sentences) // n)
     return [" ".join(s.split()[:8]) for s in sentences[shift::step][:n]]
@@ -104,8 +103,6 @@ def training_prompts() -> list[str]:
 def training_passages(n: int = 48, words: int = 45) -> list[str]:
     """Passages of the vendored training books, spread over them, for `train.preserve_weight` (the preservation
     row scores the test book's)."""
-    from graftkit.data.books import load_books
-
     books = load_books("train")
     return [_passage(book.sentences, (k + 1) * len(book.sentences) // (n // len(books) + 1), words)
             for book in books for k in range(n // len(books))]
@@ -124,16 +121,12 @@ def _passage(sentences, start: int, words: int) -> str:
 
 def unrelated_text(words: int = 450) -> str:
     """The text written into memory: a passage of a vendored training book."""
-    from graftkit.data.books import load_books
-
     book = load_books("train")[-1]
     return _passage(book.sentences, len(book.sentences) // 3, words)
 
 
 def held_out_passages(n: int = 8, words: int = 90) -> list[str]:
     """Passages of the vendored test book, spread over it, for the next-token loss."""
-    from graftkit.data.books import load_books
-
     book = load_books("test")[0]
     return [_passage(book.sentences, (k + 1) * len(book.sentences) // (n + 2), words) for k in range(n)]
 

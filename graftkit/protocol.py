@@ -21,12 +21,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from graftkit.backbones.sources import cache_dir
+from graftkit.backbone import Backbone
+from graftkit.cache import cache_dir
 from graftkit.errors import GraftkitError
 from graftkit.graft import Graft, pad
+from graftkit.progress import bar
 
 
-def question_parts(backbone, sample) -> tuple[list[int], list[int]]:
+def question_parts(backbone: Backbone, sample) -> tuple[list[int], list[int]]:
     """Turn-2 ids as (shared prefix, question part): the chat-templated instruction, then the question.
 
     The prefix (chat head + the task's instruction) is the same for every example of a bucket; the
@@ -38,14 +40,14 @@ def question_parts(backbone, sample) -> tuple[list[int], list[int]]:
     return backbone.chat_parts(head, tail)
 
 
-def answer_ids(backbone, sample, leading_space: bool = False) -> list[int]:
+def answer_ids(backbone: Backbone, sample, leading_space: bool = False) -> list[int]:
     """The training target after the question: the answer, then end of turn. With `leading_space`, the
     answer as it reads inside a sentence (after a space), so its tokens are those a memory read it from."""
     text = " " + sample.target.strip() if leading_space else sample.target
     return backbone.text_ids(text) + [backbone.tokenizer.eos_token_id]
 
 
-def turn2_batch(backbone, samples: Sequence, with_answers: bool, leading_space: bool = False) -> dict:
+def turn2_batch(backbone: Backbone, samples: Sequence, with_answers: bool, leading_space: bool = False) -> dict:
     """Left-padded turn-2 ids, mask, the shared prefix and (with answers) labels scoring only the answer
     (see `answer_ids` for `leading_space`)."""
     rows, labels, prefix = [], [], None
@@ -106,8 +108,6 @@ class HiddenCache:
         """Compute and store what is missing (sorted by length so batches pad little)."""
         if self.directory is None:
             return
-        from graftkit.progress import bar
-
         unique = {s.context_uid: s for s in samples}.values()
         missing = sorted((s for s in unique if not self.has(s)), key=lambda s: sum(map(len, s.sessions)))
         if not missing:

@@ -25,8 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from graftkit.backbone import Backbone
+from graftkit.checkpoint import initial_tensors_file
 from graftkit.errors import GraftkitError
 from graftkit.protocol import question_parts, turn2_batch
 
@@ -64,7 +67,7 @@ def question_reads(graft, cache, samples: Sequence) -> tuple[torch.Tensor, torch
 def input_reads(graft, width: int, field: str) -> torch.Tensor:
     """The injector's reads (b width d) in the last forward pass at the positions of its `width` input ids (the
     tokens an injector prepends dropped); an error naming `field` if the injector recorded none."""
-    reads = graft.injector.reads
+    reads = getattr(graft.injector, "reads", None)  # only a `PerPositionReads` injector keeps them
     if reads is None:
         raise GraftkitError(f"{field}: the injector recorded no per-position reads in this forward pass")
     return reads[:, reads.shape[1] - width :]
@@ -78,7 +81,7 @@ def answer_logprobs(head: torch.nn.Module, reads: torch.Tensor, question: torch.
     return torch.logsumexp(logp, dim=1) - question.sum(1, keepdim=True).clamp(min=1).float().log()
 
 
-def last_word_position(backbone, sample) -> int:
+def last_word_position(backbone: Backbone, sample) -> int:
     """Index, in the sample's turn-2 question part, of the last token of the question's last word."""
     _, ids = question_parts(backbone, sample)
     words = sample.question.rstrip().rstrip("?.!").rstrip()
@@ -109,7 +112,7 @@ class RecallHead(nn.Module):
     def targets(self, samples: Sequence) -> torch.Tensor:
         return torch.tensor([self.answers.index(s.target) for s in samples], device=self.linear.weight.device)
 
-    def backs(self, backbone, samples: Sequence) -> torch.Tensor | None:
+    def backs(self, backbone: Backbone, samples: Sequence) -> torch.Tensor | None:
         """Per sample, how many tokens before the end of its question part its last word's last token is
         (None with the mixture query, which needs none)."""
         if self.query == "mixture":
@@ -132,10 +135,6 @@ def load_initial_head(head: RecallHead, init_from) -> str:
     """Load into `head` the recall head saved beside the graft tensors `train.init_from` names (a run's
     checkpoint keeps it when it trained with `train.recall_weight`), if it was trained over the same answers
     with the same query; otherwise `head` stays new. Returns what was done, for the run's log."""
-    from safetensors import SafetensorError, safe_open
-
-    from graftkit.checkpoint import initial_tensors_file
-
     file = Path(initial_tensors_file(init_from)).parent / "recall_head.safetensors"
     if not file.is_file():
         return f"a new recall head (train.init_from: no {file.name} beside the graft tensors)"

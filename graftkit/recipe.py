@@ -17,7 +17,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from graftkit.config import Config
+from graftkit.data.tasks import DataError, length_label
 from graftkit.errors import RecipeError, UnknownComponentError
+from graftkit.injector import reads_each_position
+from graftkit.memory import Memory
+from graftkit.plugins import get_plugins
 
 COMPONENT_BLOCKS = {"backbone": "backbone", "memory": "memory", "injector": "injector"}
 
@@ -45,8 +49,6 @@ class TaskBlock(BaseModel):
 
 
 def _label(length: str) -> str:
-    from graftkit.data.tasks import DataError, length_label
-
     try:
         return length_label(length)
     except DataError:
@@ -242,8 +244,6 @@ def validate_recipe(raw: dict, overrides: Iterable[str] = (), source: str | None
 def validate_tasks(data: Any, recipe: Recipe | None, single: bool = False) -> tuple[list[BaseModel], list[tuple[str, str]]]:
     """Each data block against its task's Config; paths are `data.key` for a recipe that wrote one block as a
     mapping (`single`), `data.N.key` in a list."""
-    from graftkit.plugins import get_plugins
-
     registry = get_plugins().registries["task"]
     blocks = recipe.data if recipe is not None else _blocks(data)
     single = single and len(blocks) == 1
@@ -276,22 +276,17 @@ def _blocks(data: Any) -> list[TaskBlock]:
 
 def writes_with_strengths(memory_class) -> bool:
     """Whether a memory class reports per-token write strengths (overrides `Memory.write_strengths`)."""
-    from graftkit.memory import Memory
-
     return getattr(memory_class, "write_strengths", Memory.write_strengths) is not Memory.write_strengths
 
 
 def _cross_checks(recipe: Recipe, injector_config: BaseModel, task_configs: list[BaseModel]) -> list[tuple[str, str]]:
     """Problems that involve more than one block."""
-    from graftkit.plugins import get_plugins
-
     tasks = get_plugins().registries["task"]
     injector = get_plugins().registries["injector"].get(recipe.injector.kind)
-    per_position = getattr(injector, "reads_each_position", None)  # third-party classes may predate it
     problems = []
     for field, value in (("read_loss", recipe.train.read_loss), ("recall_steps", recipe.train.recall_steps),
                          ("recall_weight", recipe.train.recall_weight)):
-        if value > 0 and not (per_position and per_position(injector_config)):
+        if value > 0 and not reads_each_position(injector, injector_config):
             problems.append((
                 f"train.{field}",
                 f"needs an injector that reads the memory at every position; {recipe.injector.kind!r} as configured "
@@ -322,11 +317,14 @@ def _cross_checks(recipe: Recipe, injector_config: BaseModel, task_configs: list
 
 
 def _layer_problems(recipe: Recipe, injector_config: BaseModel) -> list[tuple[str, str]]:
-    """Layer indices outside the backbone, when its layer count is known without loading it."""
-    from graftkit.backbones.sources import layer_count
-
+    """Layer indices outside the backbone, when its adapter knows the layer count without loading it
+    (the optional `layer_count` classmethod of the backbone contract, `graftkit.backbone`)."""
     source = recipe.backbone.options().get("source")
-    count = layer_count(source, recipe.backbone.kind) if isinstance(source, str) else None
+    try:
+        counter = getattr(get_plugins().registries["backbone"].get(recipe.backbone.kind), "layer_count", None)
+    except UnknownComponentError:
+        return []  # reported by the second pass
+    count = counter(source) if counter is not None and isinstance(source, str) else None
     if count is None:
         return []
     problems = []
@@ -341,8 +339,6 @@ def _layer_problems(recipe: Recipe, injector_config: BaseModel) -> list[tuple[st
 
 
 def validate_block(block: str, spec: ComponentBlock) -> tuple[BaseModel | None, list[tuple[str, str]]]:
-    from graftkit.plugins import get_plugins
-
     registry = get_plugins().registries[block]
     try:
         cls = registry.get(spec.kind)

@@ -40,6 +40,7 @@ import torch
 
 from graftkit.errors import GraftkitError, StateError
 from graftkit.state import MemoryState
+from graftkit.task import Prompt
 
 
 def save_state(graft, state: MemoryState, path: str | os.PathLike) -> Path:
@@ -150,8 +151,6 @@ def ask(graft, question: str, state: MemoryState, task=None, max_new_tokens: int
 
 def task_prompts(graft) -> dict:
     """The named task prompts an exported graft was trained with ({} for a graft not loaded from an export)."""
-    from graftkit.task import Prompt
-
     recorded = (getattr(graft, "export_config", None) or {}).get("prompts") or {}
     return {name: Prompt(p.get("instruction", ""), p.get("template", "{question}")) for name, p in recorded.items()}
 

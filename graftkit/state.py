@@ -149,7 +149,5 @@ def _identity(state: MemoryState) -> tuple:
 
 def config_hash(config: Mapping) -> str:
     """A short stable hash of a JSON-able configuration."""
-    import hashlib
-
     blob = json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 from pydantic import Field
 
 from graftkit.config import Config
+from graftkit.plugins import get_plugins
 
 SPLITS = ("train", "test")
 
@@ -141,8 +142,6 @@ class Task:
 
 def build_task(config: TaskConfig) -> Task:
     """The task a validated data block names."""
-    from graftkit.plugins import get_plugins
-
     return get_plugins().registries["task"].get(config.task)(config)
 
 

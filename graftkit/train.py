@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from accelerate import Accelerator
 from torch import nn
 
 from graftkit.api import build_graft, load_backbone
@@ -34,8 +35,9 @@ from graftkit.checkpoint import (
 )
 from graftkit.data.tasks import length_label
 from graftkit.errors import GraftkitError
+from graftkit.evaluate import graft_predictions
 from graftkit.objectives import Objective, build_objectives
-from graftkit.plots import metric_lines
+from graftkit.plots import metric_lines, plot_metrics
 from graftkit.progress import bar, status
 from graftkit.protocol import HiddenCache, turn2_batch
 from graftkit.recall import RecallHead, load_initial_head, recall_stage
@@ -151,8 +153,6 @@ def _flat(value, prefix: str = "") -> dict:
 
 
 def make_accelerator(train_config):
-    from accelerate import Accelerator
-
     precision = train_config.mixed_precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
@@ -318,8 +318,6 @@ def _train(recipe: Recipe, resume: bool, progress: bool, resolved: dict) -> Trai
                     mark_best(ckpt_root, path, accuracy)
     pbar.close()
     if accelerator.is_main_process:
-        from graftkit.plots import plot_metrics
-
         plot_metrics(run_dir / "metrics.jsonl", run_dir)
     return TrainResult(run_dir, best["accuracy"], best["step"], cfg.steps)
 
@@ -356,8 +354,6 @@ def answer_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 @torch.no_grad()
 def evaluate_buckets(graft, tasks: list[Task], buckets: dict, cache: HiddenCache, batch_size: int) -> dict[tuple[int, str], float]:
     """Two-turn accuracy (each task's own scorer) per (task index, bucket)."""
-    from graftkit.evaluate import graft_predictions
-
     return {key: float(np.mean([p["correct"] for p in graft_predictions(graft, tasks[key[0]], samples, cache, batch_size)]))
             for key, samples in buckets.items()}
 

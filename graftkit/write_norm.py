@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from graftkit.data.books import load_books
+
 #: Tokens of calibration text (one segment at most `segment_tokens` long is run through the backbone).
 CALIBRATION_TOKENS = 1024
 
@@ -47,6 +49,4 @@ class WriteNorm(nn.Module):
 
 def calibration_text() -> str:
     """The fixed passage graft statistics are measured on: the start of the first vendored training book."""
-    from graftkit.data.books import load_books
-
     return load_books("train")[0].text[:8_000]

@@ -36,17 +36,17 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from graftkit.injectors.xattn import Recall, check_layer
+from graftkit.injectors.xattn import Recall
 from pydantic import Field
 from torch import nn
 
 from graftkit.errors import GraftkitError
-from graftkit.injector import Injector, InjectorConfig, hook_output, state_dtype
+from graftkit.injector import InjectorConfig, PerPositionReads, check_layer, hook_output, state_dtype
 
 FOLLOW_INIT = -2.0  # at first a position goes on copying the previous one's next token with probability σ(−2) ≈ 0.12
 
 
-class CopyInjector(Injector):
+class CopyInjector(PerPositionReads):
     """Raises the next-token logits of the tokens the memory recalls for the question.
 
     Needs a memory whose reads are input embeddings: `episodic` with `values: input`, `write_layer: 0` and
@@ -127,12 +127,7 @@ class CopyInjector(Injector):
     def _embedding(self) -> nn.Embedding:
         return self._backbone_parts["embedding"]
 
-    @classmethod
-    def reads_each_position(cls, config: Config) -> bool:
-        return True
-
-    def attach(self, backbone) -> None:
-        self.check_backbone(backbone)
+    def _attach(self, backbone) -> None:
         self._backbone_parts["embedding"] = backbone.embedding
         self.eos = backbone.tokenizer.eos_token_id
         with torch.no_grad():

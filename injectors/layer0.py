@@ -25,39 +25,28 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from einops import repeat
-from graftkit.injectors.xattn import (
-    DIM_HEAD_HELP,
-    GATE_HELP,
-    GATE_INIT_HELP,
-    HEADS_HELP,
-    GatedCrossAttention,
-    GateKind,
-    MemoryTokenInjector,
-)
+from graftkit.injectors.xattn import GATE_HELP, CrossAttentionConfig, GatedCrossAttention, GateKind, MemoryTokenInjector
 from pydantic import Field
 from torch import nn
 
-from graftkit.injector import InjectorConfig, state_dtype
+from graftkit.injector import PerPositionReads, state_dtype
 
 
-class Layer0SoftPrompt(MemoryTokenInjector):
+class Layer0SoftPrompt(PerPositionReads, MemoryTokenInjector):
     """Memory tokens prepended as a soft prompt, plus gated per-token cross-attention at the embeddings."""
 
     name = "layer0_soft_prompt"
 
-    class Config(InjectorConfig):
+    class Config(CrossAttentionConfig):
         num_tokens: int = Field(
             16, ge=1, le=1024, description="Memory tokens read by learned queries and prepended as a soft prompt."
         )
-        heads: int = Field(8, ge=1, le=64, description=HEADS_HELP)
-        dim_head: int = Field(64, ge=4, le=512, description=DIM_HEAD_HELP)
         direct_read: bool = Field(
             True,
             description="Also read the memory once per token (query: a projection of the token's embedding) and "
             "attend to that read as one more key/value next to the memory tokens.",
         )
         gate: GateKind = Field("token", description=GATE_HELP)
-        gate_init: float = Field(0.0, ge=-10.0, le=10.0, description=GATE_INIT_HELP)
 
     config: Config
 

@@ -15,28 +15,19 @@ Legend: b batch, n tokens, k memory tokens, d hidden size.
 
 from __future__ import annotations
 
-from graftkit.injectors.xattn import (
-    DIM_HEAD_HELP,
-    GATE_HELP,
-    GATE_INIT_HELP,
-    HEADS_HELP,
-    GatedCrossAttention,
-    GateKind,
-    MemoryTokenInjector,
-    check_layer,
-)
+from graftkit.injectors.xattn import CrossAttentionConfig, GatedCrossAttention, MemoryTokenInjector
 from pydantic import Field, model_validator
 from torch import nn
 
-from graftkit.injector import InjectorConfig, hook_output, replace_output, state_dtype
+from graftkit.injector import PerPositionReads, check_layer, hook_output, replace_output, state_dtype
 
 
-class MidLayer(MemoryTokenInjector):
+class MidLayer(PerPositionReads, MemoryTokenInjector):
     """One gated cross-attention block on the output of one decoder layer."""
 
     name = "mid_layer"
 
-    class Config(InjectorConfig):
+    class Config(CrossAttentionConfig):
         layer: int | None = Field(
             None,
             description="Decoder layer (0-based index into the backbone's layers; negative counts from the end) "
@@ -49,10 +40,6 @@ class MidLayer(MemoryTokenInjector):
             description="Memory tokens read by learned queries, attended to by every position; 0 (only with "
             "direct_read) leaves each position its own read alone, so what it gets is what its own query recalls.",
         )
-        heads: int = Field(8, ge=1, le=64, description=HEADS_HELP)
-        dim_head: int = Field(64, ge=4, le=512, description=DIM_HEAD_HELP)
-        gate: GateKind = Field("scalar", description=GATE_HELP)
-        gate_init: float = Field(0.0, ge=-10.0, le=10.0, description=GATE_INIT_HELP)
         direct_read: bool = Field(
             False,
             description="Also read the memory once per token, queried with a projection of the token's hidden state "

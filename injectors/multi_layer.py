@@ -11,21 +11,12 @@ Legend: b batch, n tokens, k memory tokens, d hidden size.
 
 from __future__ import annotations
 
-from graftkit.injectors.xattn import (
-    DIM_HEAD_HELP,
-    GATE_HELP,
-    GATE_INIT_HELP,
-    HEADS_HELP,
-    GatedCrossAttention,
-    GateKind,
-    MemoryTokenInjector,
-    check_layer,
-)
+from graftkit.injectors.xattn import CrossAttentionConfig, GatedCrossAttention, MemoryTokenInjector
 from pydantic import Field, field_validator
 from torch import nn
 
 from graftkit.errors import GraftkitError
-from graftkit.injector import InjectorConfig, hook_output, replace_output
+from graftkit.injector import check_layer, hook_output, replace_output
 
 DEFAULT_COUNT = 4
 
@@ -40,7 +31,7 @@ class MultiLayerCrossAttention(MemoryTokenInjector):
 
     name = "multi_layer_xattn"
 
-    class Config(InjectorConfig):
+    class Config(CrossAttentionConfig):
         layers: list[int] | None = Field(
             None,
             description="Decoder layers (0-based indices into the backbone's layers; negative counts from the end) "
@@ -50,10 +41,6 @@ class MultiLayerCrossAttention(MemoryTokenInjector):
         num_tokens: int = Field(
             16, ge=1, le=1024, description="Memory tokens read by learned queries, shared by all layers."
         )
-        heads: int = Field(8, ge=1, le=64, description=HEADS_HELP)
-        dim_head: int = Field(64, ge=4, le=512, description=DIM_HEAD_HELP)
-        gate: GateKind = Field("scalar", description=GATE_HELP)
-        gate_init: float = Field(0.0, ge=-10.0, le=10.0, description=GATE_INIT_HELP)
 
         @field_validator("layers")
         @classmethod

@@ -6,9 +6,9 @@ fresh graft leaves the frozen backbone exactly as it was. Rows whose memory is e
 added, whatever the gate. The block computes in float32 (the graft's dtype) and casts back to the
 backbone's dtype at the boundary.
 
-`MemoryTokenInjector` is the common base of the built-ins: one `MemoryTokens` read per forward pass
-(`prepare`), hidden-size and double-attach checks, and layer-index validation with messages that
-name the recipe field.
+`MemoryTokenInjector` is the common base of the built-ins that attend to memory tokens: one
+`MemoryTokens` read per forward pass (`prepare`). `CrossAttentionConfig` holds the options of their
+cross-attention blocks.
 
 Legend: b batch, n tokens (queries), k memory tokens, h heads, e head width, d hidden size,
 two keys and values stacked.
@@ -23,9 +23,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange
+from pydantic import Field
 from torch import nn
 
-from graftkit.errors import GraftkitError
 from graftkit.injector import Injector, InjectorConfig, MemoryTokens
 from graftkit.memory import Memory
 from graftkit.state import MemoryState
@@ -45,6 +45,15 @@ GATE_INIT_HELP = (
     "Initial gate pre-activation: the gate starts at tanh(gate_init). 0.0 means closed, i.e. the grafted "
     "model starts out equal to the bare backbone."
 )
+
+
+class CrossAttentionConfig(InjectorConfig):
+    """The options of a `GatedCrossAttention` block; the Configs of the injectors built on it subclass this."""
+
+    heads: int = Field(8, ge=1, le=64, description=HEADS_HELP)
+    dim_head: int = Field(64, ge=4, le=512, description=DIM_HEAD_HELP)
+    gate: GateKind = Field("scalar", description=GATE_HELP)
+    gate_init: float = Field(0.0, ge=-10.0, le=10.0, description=GATE_INIT_HELP)
 
 
 @dataclass
@@ -145,19 +154,3 @@ class MemoryTokenInjector(Injector):
     def prepare(self, memory: Memory, state: MemoryState) -> Recall:
         tokens = self.memory_tokens(memory, state).float()
         return Recall(tokens=tokens, keep=(~state.is_empty).float().to(tokens.device), memory=memory, state=state)
-
-    def attach(self, backbone) -> None:
-        self.check_backbone(backbone)
-        self._attach(backbone)
-
-    def _attach(self, backbone) -> None:
-        raise NotImplementedError
-
-
-def check_layer(layer: int, num_layers: int, where: str) -> int:
-    """A decoder-layer index (0-based, negative counts from the end) checked against the backbone."""
-    if not -num_layers <= layer < num_layers:
-        raise GraftkitError(
-            f"{where}: layer {layer} is outside 0..{num_layers - 1} (this backbone has {num_layers} decoder layers)"
-        )
-    return layer % num_layers

@@ -58,11 +58,12 @@ def main() -> None:
     from graftkit.checkpoint import load_run
     from graftkit.data.babilong import build_babilong
     from graftkit.evaluate import EVAL_SEED_OFFSET
+    from graftkit.injector import reads_each_position
     from graftkit.protocol import HiddenCache
 
     run = Path(args.run_dir)
     recipe, graft, _ = load_run(run, args.checkpoint)
-    if not type(graft.injector).reads_each_position(recipe.component_config("injector")):
+    if not reads_each_position(type(graft.injector), recipe.component_config("injector")):
         raise SystemExit(f"{run}: the injector does not read the memory at every position (direct_read)")
     tok = graft.backbone.tokenizer
     cache = HiddenCache(graft)

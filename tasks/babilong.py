@@ -10,11 +10,16 @@ from types import SimpleNamespace
 from typing import Any, Literal
 
 import numpy as np
+from graftkit.tasks.held_out import retell
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from graftkit.data.tasks import DataError, check_split, check_task, each_valid, length_label, parse_length
-from graftkit.task import Example, Prompt, Task, TaskConfig
+from graftkit.data.babilong import build_babilong, fact_token_mask
+from graftkit.data.metric import compare_answers, task_labels
+from graftkit.data.prompts import full_context_prompt as official_prompt
+from graftkit.data.prompts import turn2_prompt
+from graftkit.data.tasks import TASKS, DataError, check_split, check_task, each_valid, length_label, parse_length
+from graftkit.task import Example, Prompt, Task, TaskConfig, load_examples
 
 
 class BabilongConfig(TaskConfig):
@@ -56,8 +61,6 @@ class BabilongConfig(TaskConfig):
 
     @model_validator(mode="after")
     def _vendored(self) -> BabilongConfig:
-        from graftkit.data.tasks import TASKS
-
         missing = [t for t in self.tasks if t not in TASKS]
         if self.babi_dir is None and missing:
             raise ValueError(f"tasks: {', '.join(missing)} not in the vendored data (it holds {', '.join(TASKS)}); "
@@ -119,8 +122,6 @@ class BabilongTask(Task):
         return self.config.eval_samples
 
     def examples(self, split, bucket, n, tokenizer=None, seed_offset=0):
-        from graftkit.data.babilong import build_babilong
-
         task, length = bucket.split("/")
         if n is None:
             n = self.train_count(bucket) if split == "train" else self.config.eval_samples
@@ -129,10 +130,6 @@ class BabilongTask(Task):
         labels = [None] * len(samples)
         words = self._retold_words(split)  # whose pools stories are retold from: "test" (held out), "train" or None
         if words is not None:
-            from graftkit.tasks.held_out import retell
-
-            from graftkit.data.metric import task_labels
-
             share = 1.0 if words == "test" else self.config.varied_share
             picked = [share >= 1 or np.random.default_rng([self.config.seed, 41, int(s.uid[:8], 16)]).random() < share
                       for s in samples]
@@ -162,30 +159,19 @@ class BabilongTask(Task):
     @staticmethod
     def task_prompt(task: str) -> Prompt:
         """The turn-2 prompt of a bAbI task: the official instruction, then "Question: ..."."""
-        from graftkit.data.prompts import question_prompt
-
-        head, _, template = question_prompt(task, "{question}").rpartition("\n\n")
-        return Prompt(head, template)
+        return turn2_prompt(task)
 
     def score(self, example: Example, output: str) -> bool:
-        from graftkit.data.metric import compare_answers
-
         return bool(compare_answers(example.target, output, example.question, self._bab(example), corrected=self.config.corrected,
                                     labels=example.info.get("labels")))
 
     def labels(self, example: Example):
-        from graftkit.data.metric import task_labels
-
         return example.info.get("labels") or sorted(task_labels(self._bab(example)))
 
     def full_context_prompt(self, example: Example) -> str:
-        from graftkit.data.prompts import full_context_prompt
-
-        return full_context_prompt(self._bab(example), example.context, example.question)
+        return official_prompt(self._bab(example), example.context, example.question)
 
     def fact_mask(self, example: Example, offsets):
-        from graftkit.data.babilong import fact_token_mask
-
         return fact_token_mask(SimpleNamespace(context=example.context, facts=example.info["facts"]), offsets)
 
     @staticmethod
@@ -197,7 +183,5 @@ def babilong_examples(task: str, split: str, length: str, n: int, seed: int = 0,
                       babi_dir=None) -> list[Example]:
     """Examples of one bAbI task at one length, with their turn-2 prompts: `build_babilong`'s samples as a
     task's examples (for scripts and tests that need one bucket)."""
-    from graftkit.task import load_examples
-
     config = BabilongConfig(task="babilong", tasks=[task], seed=seed, books=books, babi_dir=babi_dir)
     return load_examples(BabilongTask(config), split, f"{task}/{length_label(length)}", n, tokenizer)

@@ -17,6 +17,9 @@ import re
 from dataclasses import replace
 
 import numpy as np
+from graftkit.tasks.profile import vocabulary
+
+from graftkit.data.babilong import sample_uid
 
 PEOPLE = ("Mary", "John", "Daniel", "Sandra", "Fred", "Bill", "Jeff")
 PLACES = ("bathroom", "bedroom", "garden", "hallway", "kitchen", "office")
@@ -49,8 +52,6 @@ TRAIN_MOVES = ("marched to", "jogged to", "sprinted to", "raced to", "hiked to",
 
 @functools.lru_cache(maxsize=2)
 def _names(split: str) -> tuple[str, ...]:
-    from graftkit.tasks.profile import vocabulary
-
     banned = {p.lower() for p in PEOPLE}
     return tuple(n for n in vocabulary(split, 0)["person"] if n.lower() not in banned and " " not in n and "-" not in n)
 
@@ -58,8 +59,6 @@ def _names(split: str) -> tuple[str, ...]:
 def retell(sample, labels: frozenset[str], seed: int, split: str = "test"):
     """(the sample with its facts, question and answer in other words, the renamed label set): the held-out
     pools for `split` "test", the training pools for "train"."""
-    from graftkit.data.babilong import sample_uid
-
     rng = np.random.default_rng([seed, int(sample.uid[:8], 16)])
     names = _names(split)
     places, objects, verbs = (HELD_OUT_PLACES, HELD_OUT_OBJECTS, HELD_OUT_MOVES) if split == "test" else (

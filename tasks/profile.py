@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 from pydantic import Field, field_validator
 
+from graftkit.data.books import load_books
+from graftkit.data.tasks import context_tokens, each_valid, length_label, parse_length
 from graftkit.task import Example, Task, TaskConfig, normalize
 
 UNKNOWN = "unknown"
@@ -98,7 +100,7 @@ def _company(text: str) -> str:
 @functools.lru_cache(maxsize=8)
 def vocabulary(split: str, seed: int, size: int = 600) -> dict[str, tuple[str, ...]]:
     """Per attribute (and "person"), `size` values that belong to `split` only."""
-    from faker import Faker
+    from faker import Faker  # here, not at the top: only building a vocabulary needs it
 
     fake = Faker(list(LOCALES))
     fake.seed_instance(seed)
@@ -139,8 +141,6 @@ class ProfileConfig(TaskConfig):
     @field_validator("train_lengths", "eval_lengths")
     @classmethod
     def _lengths(cls, value: list[str]) -> list[str]:
-        from graftkit.data.tasks import each_valid, parse_length
-
         return each_valid(value, parse_length)
 
     @field_validator("sessions")
@@ -159,8 +159,6 @@ class ProfileTask(Task):
     demo = ("Priya lives in Lisbon. Priya's dog is named Biscuit.", "What is Priya's dog called?")
 
     def buckets(self, split: str) -> list[str]:
-        from graftkit.data.tasks import length_label
-
         lengths = self.config.train_lengths if split == "train" else self.config.eval_lengths
         return [f"profile/{s}s/{length_label(length)}" for s in self.config.sessions for length in lengths]
 
@@ -171,8 +169,6 @@ class ProfileTask(Task):
         return self.config.eval_samples
 
     def examples(self, split, bucket, n, tokenizer=None, seed_offset=0):
-        from graftkit.data.tasks import context_tokens
-
         _, sessions, length = bucket.split("/")
         n = self.config.train_samples if n is None else n
         budget = context_tokens(length)
@@ -268,8 +264,6 @@ class ProfileTask(Task):
 @functools.lru_cache(maxsize=2)
 def _filler(split: str) -> tuple[str, ...]:
     """Chat lines and book sentences (training books for train, the test book for test) of 6-30 words."""
-    from graftkit.data.books import load_books
-
     book = [s for b in load_books(split) for s in b.sentences if 6 <= len(s.split()) <= 30 and "{" not in s]
     return CHAT * max(1, len(book) // (4 * len(CHAT))) + tuple(book)
 

@@ -5,6 +5,7 @@ Tiny random models (`source: tiny-random`) cover the three families; the embedde
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import shutil
@@ -16,6 +17,8 @@ import torch
 from graftkit.backbones import sources
 
 import graftkit
+from graftkit.backbone import Backbone
+from graftkit.cache import CACHE_ENV
 from graftkit.errors import GraftkitError
 
 FAMILIES = ["qwen2", "llama", "mistral"]
@@ -51,6 +54,29 @@ def test_family_and_structure(backbone):
     assert backbone.chat_template and "assistant" in backbone.chat_template
     assert backbone.tokenizer.pad_token_id is not None
     assert backbone.dtype == torch.float32 and backbone.device.type == "cpu"
+
+
+def test_adapter_implements_the_contract(backbone):
+    assert isinstance(backbone, Backbone)
+    assert type(backbone).layer_count("tiny-random") == backbone.num_layers  # known without loading weights
+
+
+def test_the_contract_names_everything_graftkit_uses_of_a_backbone():
+    """Every attribute core and the built-in injectors read of a backbone adapter (`backbone.x`, `graft.backbone.x`) is
+    one `graftkit.backbone.Backbone` names, so a third-party adapter with those members works everywhere."""
+    members = set(Backbone.__annotations__) | {n for n in vars(Backbone) if not n.startswith("_")}
+    root = Path(__file__).resolve().parents[1]
+    used = {}
+    for path in [*root.joinpath("graftkit").rglob("*.py"), *root.joinpath("injectors").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Attribute):
+                owner = node.value
+                name = owner.id if isinstance(owner, ast.Name) else owner.attr if isinstance(owner, ast.Attribute) else None
+                in_recipe = isinstance(owner, ast.Attribute) and ast.unparse(owner.value) == "recipe"  # the recipe block
+                if name == "backbone" and not in_recipe:
+                    used.setdefault(node.attr, f"{path.relative_to(root)}:{node.lineno}")
+    assert {"hidden_states", "logits", "manifest", "chat_parts", "layers"} <= set(used)
+    assert not {a: where for a, where in used.items() if a not in members}
 
 
 def test_backbone_is_frozen(backbone):
@@ -178,7 +204,7 @@ def test_tiny_random_is_seeded(backbone, tmp_path, monkeypatch):
     again = graftkit.load_backbone({"kind": backbone.name, "source": "tiny-random"})
     assert torch.equal(again.embedding.weight, backbone.embedding.weight)
     assert again.fingerprint() == backbone.fingerprint()
-    monkeypatch.setenv(sources.CACHE_ENV, str(tmp_path))  # keep the seed-1 model out of the shared cache
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))  # keep the seed-1 model out of the shared cache
     other = graftkit.load_backbone({"kind": backbone.name, "source": "tiny-random", "seed": 1})
     assert not torch.equal(other.embedding.weight, backbone.embedding.weight)
     assert other.fingerprint() != backbone.fingerprint()
@@ -252,7 +278,7 @@ def test_bad_backbone_options(tmp_path):
 
 def test_graftkit_cache_env_moves_the_cache(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
-    monkeypatch.setenv(sources.CACHE_ENV, str(cache))
+    monkeypatch.setenv(CACHE_ENV, str(cache))
     first = graftkit.load_backbone({"kind": "qwen2", "source": "tiny-random"})
     (model_dir,) = (cache / "models").iterdir()
     assert first.path == str(model_dir) and model_dir.name.startswith("tiny-random-qwen2-seed0")
@@ -276,7 +302,7 @@ def test_graftkit_cache_env_moves_the_cache(tmp_path, monkeypatch):
 def test_a_gguf_is_converted_once_per_content_wherever_it_lies(tmp_path, monkeypatch):
     import transformers
 
-    monkeypatch.setenv(sources.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     converted = []
 
     class Loader:

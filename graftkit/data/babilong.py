@@ -38,8 +38,10 @@ import numpy as np
 
 from graftkit.data.babi import BabiQuestion, load_babi
 from graftkit.data.books import Book, BooksArg, load_books
+from graftkit.data.prompts import turn2_prompt
 from graftkit.data.tasks import PROMPT_RESERVE, DataError, check_split, check_task, context_tokens, length_label
 from graftkit.data.tokens import TokenCounter, token_counter
+from graftkit.task import Prompt
 
 #: Bumped whenever the construction changes, so that sample uids (and caches keyed on them) change too.
 FORMAT_VERSION = "graftkit-babilong-1"
@@ -78,10 +80,8 @@ class Sample:
         return self.uid
 
     @property
-    def prompt(self):
-        from graftkit.tasks.babilong import BabilongTask
-
-        return BabilongTask.task_prompt(self.task)
+    def prompt(self) -> Prompt:
+        return turn2_prompt(self.task)
 
 
 def sample_uid(

@@ -13,6 +13,8 @@ Two builders return the *user message*; the caller applies the chat template:
   no context at all. Examples are left out by default: in turn 2 the example stories would be the
   only facts in view, an invitation to answer from them instead of from memory, and they double the
   length of the turn the graft backpropagates through. ``examples=True`` puts them back.
+
+:func:`turn2_prompt` gives the turn-2 message as a `graftkit.task.Prompt` (shared instruction, question).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from graftkit.data.tasks import DataError
+from graftkit.task import Prompt
 
 #: Official template pieces (``TASK_TEMPLATE``, ``USER_TEMPLATE``, ``DEFAULT_TEMPLATE`` upstream).
 TASK_TEMPLATE = "{instruction}\n\n{examples}\n\n{post_prompt}"
@@ -318,3 +321,10 @@ def question_prompt(task: str, question: str, *, examples: bool = False) -> str:
     parts = [pieces.instruction, shown, pieces.post_prompt]
     head = "\n\n".join(p for p in parts if p)
     return f"{head}\n\nQuestion: {question.strip()}"
+
+
+def turn2_prompt(task: str) -> Prompt:
+    """The turn-2 prompt of a bAbI task as the protocol takes it: `question_prompt`'s instruction as the shared
+    prefix, then "Question: {question}"."""
+    head, _, template = question_prompt(task, "{question}").rpartition("\n\n")
+    return Prompt(head, template)

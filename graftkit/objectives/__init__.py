@@ -7,39 +7,17 @@ recipe refuses an objective whose needs the injector, the memory or a task canno
 
 from __future__ import annotations
 
-from typing import ClassVar
+from graftkit.objectives.base import Objective
+from graftkit.objectives.preserve import PreserveLoss
+from graftkit.objectives.read import ReadLoss
+from graftkit.objectives.recall import RecallLoss
+from graftkit.objectives.write import BackgroundCost, WriteCost
 
-import torch
-from torch import nn
-
-
-class Objective(nn.Module):
-    """One weighted term of the training loss."""
-
-    #: the `train` field holding its weight
-    field: ClassVar[str]
-    #: logged values averaged over the last 50 steps rather than reported per step
-    windowed: ClassVar[tuple[str, ...]] = ()
-
-    def __init__(self, weight: float):
-        super().__init__()
-        self.weight = weight
-
-    def inputs(self, graft, task, samples, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Extra batch tensors this objective needs for `samples` (of one `task`); none by default."""
-        return {}
-
-    def forward(self, graft, hidden, hidden_mask, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(the term, {name: value to log}) for a pass whose turn-2 forward has just run."""
-        raise NotImplementedError
+__all__ = ["BackgroundCost", "Objective", "PreserveLoss", "ReadLoss", "RecallLoss", "WriteCost", "build_objectives"]
 
 
 def build_objectives(cfg, recall_head=None) -> list[Objective]:
     """The objectives a `train` config turns on, in the order their terms are added."""
-    from graftkit.objectives.read import ReadLoss
-    from graftkit.objectives.recall import RecallLoss
-    from graftkit.objectives.write import BackgroundCost, WriteCost
-
     out: list[Objective] = []
     if cfg.read_loss:
         out.append(ReadLoss(cfg.read_loss))
@@ -50,7 +28,5 @@ def build_objectives(cfg, recall_head=None) -> list[Objective]:
     if cfg.background_cost:
         out.append(BackgroundCost(cfg.background_cost))
     if cfg.preserve_weight:
-        from graftkit.objectives.preserve import PreserveLoss
-
         out.append(PreserveLoss(cfg.preserve_weight, cfg.seed))
     return out

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from graftkit.graft import pad
-from graftkit.objectives import Objective
+from graftkit.objectives.base import Objective
+from graftkit.preservation import training_passages, training_prompts
 
 #: rows of each kind per step, the length of the bare backbone's answers, and the tokens kept per position
 PROMPTS_PER_STEP = 4
@@ -59,8 +60,6 @@ class PreserveLoss(Objective):
 
     def __init__(self, weight: float, seed: int = 0):
         super().__init__(weight)
-        from graftkit.preservation import training_passages, training_prompts
-
         self.prompts = training_prompts()
         self.passages = training_passages()
         self.seed = seed

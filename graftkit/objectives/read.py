@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from graftkit.objectives import Objective
+from graftkit.objectives.base import Objective
 from graftkit.recall import input_reads
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from graftkit.objectives import Objective
+from graftkit.objectives.base import Objective
 from graftkit.recall import RecallHead, input_reads
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from graftkit.objectives import Objective
+from graftkit.objectives.base import Objective
 
 
 def write_mass(graft, hidden: torch.Tensor, hidden_mask: torch.Tensor) -> torch.Tensor:

@@ -71,11 +71,12 @@ class CopyInjector(PerPositionReads):
             "(their mean at first): the words a fact was told with, names never seen in training included, find the "
             "tokens they were written next to. 0 = off.",
         )
-        merge_heads: Literal["mean", "product"] = Field(
+        merge_heads: Literal["mean", "product", "both"] = Field(
             "mean",
             description="How the memory heads' slot distributions combine: `mean`, a slot any head matches is read (an "
             "or); `product`, their normalised product (empty slot included), a slot every head matches (an and: one "
-            "head can match the name, another the attribute).",
+            "head can match the name, another the attribute); `both`, the question's read enters the pool both ways "
+            "(and the current token's as the mean), and the pool learns which to take.",
         )
         gate_init: float = Field(
             0.0,
@@ -99,7 +100,7 @@ class CopyInjector(PerPositionReads):
             self.window = nn.Parameter(torch.full((config.window, hidden_size), 1.0 / config.window))  # row j: j tokens back
             self.to_window_query = nn.Linear(hidden_size, hidden_size, bias=False)
             nn.init.eye_(self.to_window_query.weight)
-        self.pool = ReadPool(hidden_size, kinds=2)
+        self.pool = ReadPool(hidden_size, kinds=3 if config.merge_heads == "both" else 2)
         self.follow = nn.Linear(hidden_size, 1)  # g: whether a position goes on copying from the previous one
         self.carried: torch.Tensor | None = None  # the previous position's slot distribution, in write order (b s)
         self.abstain = nn.Parameter(torch.zeros(hidden_size))  # the read where the question matches nothing
@@ -176,8 +177,10 @@ class CopyInjector(PerPositionReads):
             query = query + self.to_window_query(F.rms_norm(mixed, mixed.shape[-1:], eps=1e-6))
         token_query = self.to_token_query(self.tokens[:, -n:].float())
         order = recall.kv["order"]  # b s: the slot at each place in write order
-        dists = [self.merge(recall.memory.attend(q.to(dtype), recall.state).float()).gather(-1, order[:, None].expand(-1, n, -1))
-                 for q in (query, token_query)]  # b n s each, in write order
+        question, token = (recall.memory.attend(q.to(dtype), recall.state).float() for q in (query, token_query))  # b h n s
+        merges = ("mean", "product") if self.config.merge_heads == "both" else (self.config.merge_heads,)
+        reads = [merge_heads(question, how) for how in merges] + [merge_heads(token, merges[0])]
+        dists = [d.gather(-1, order[:, None].expand(-1, n, -1)) for d in reads]  # b n s each, in write order
         mixed = self.pool(hidden, torch.stack(dists, dim=2)) * self.seen(self.tokens)[:, -n:, None]  # b n s; padding takes nothing
         follow = torch.sigmoid(self.follow(F.rms_norm(hidden, hidden.shape[-1:], eps=1e-6)))  # b n 1
         taken = self.carry(mixed, follow)
@@ -186,14 +189,6 @@ class CopyInjector(PerPositionReads):
         self.matched = torch.cat([taken.sum(-1, keepdim=True), follow], -1)
         self.reads = self.pooled
         return None
-
-    def merge(self, weights: torch.Tensor) -> torch.Tensor:
-        """One slot distribution (b n s) from the heads' (b h n s; the rest of each to the empty slot)."""
-        if self.config.merge_heads == "mean":
-            return weights.mean(1)
-        empty = (1.0 - weights.sum(-1, keepdim=True)).clamp(min=0.0)
-        log_weights = torch.cat([weights, empty], -1).clamp(min=1e-30).log().sum(1)
-        return log_weights.softmax(-1)[..., :-1]
 
     def carry(self, mixed: torch.Tensor, follow: torch.Tensor) -> torch.Tensor:
         """Slot distributions (b n s, write order) taken at each position: (1 − g) · the pooled one + g · the
@@ -244,6 +239,16 @@ class CopyInjector(PerPositionReads):
             stop = self.stop(torch.cat([F.rms_norm(final, final.shape[-1:], eps=1e-6), unit], dim=-1))
             raised[..., self.eos] += (gate * stop)[..., 0]
         return raised.to(output.dtype)
+
+
+def merge_heads(weights: torch.Tensor, how: str) -> torch.Tensor:
+    """One slot distribution (b n s) from the heads' (b h n s; the rest of each to the empty slot): their mean, or
+    their normalised product (`product`)."""
+    if how == "mean":
+        return weights.mean(1)
+    empty = (1.0 - weights.sum(-1, keepdim=True)).clamp(min=0.0)
+    log_weights = torch.cat([weights, empty], -1).clamp(min=1e-30).log().sum(1)
+    return log_weights.softmax(-1)[..., :-1]
 
 
 class ReadPool(nn.Module):

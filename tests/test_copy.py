@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from graftkit.injectors.copy import merge_heads
 from matrix import make_memory
 
 import graftkit
@@ -52,8 +53,9 @@ def test_scores_name_the_token_an_embedding_is(copy_graft):
     torch.testing.assert_close(scores.gather(1, tokens[:, None]).squeeze(1), torch.ones(64), atol=1e-3, rtol=0)
 
 
-def test_an_empty_memory_keeps_the_backbone_and_cached_generation_matches(copy_graft):
-    graft = copy_graft(gate_init=4.0)
+@pytest.mark.parametrize("merge", ["mean", "product", "both"])
+def test_an_empty_memory_keeps_the_backbone_and_cached_generation_matches(copy_graft, merge):
+    graft = copy_graft(gate_init=4.0, merge_heads=merge)
     ids, mask = question(graft, ["Where is Mary?", "Where is the football now?"])
     with torch.no_grad():
         empty = graft(ids, graft.init_state(2), mask).logits
@@ -160,16 +162,14 @@ def test_a_value_is_copied_whole_from_one_match(copy_graft, monkeypatch):
     assert out[0, -4:].tolist() == [value[0], value[1], value[0], value[2]]
 
 
-def test_merged_heads_read_any_match_or_only_a_shared_one(copy_graft):
+def test_merged_heads_read_any_match_or_only_a_shared_one():
     """Head 1 reads slots 0 and 1, head 2 slots 2 and 1 (each leaves 0.1 to the empty slot): the mean reads
     the three alike, the product only slot 1, the one both heads match, in proportion to the empty slot as
     both heads have it; heads that match nothing give a product that reads nothing."""
     weights = torch.tensor([[0.6, 0.3, 0.0, 0.0], [0.0, 0.3, 0.6, 0.0]])[None, :, None]  # b h n s
-    mean = copy_graft(merge_heads="mean").injector.merge(weights)[0, 0]
-    torch.testing.assert_close(mean, torch.tensor([0.3, 0.3, 0.3, 0.0]))
-    merge = copy_graft(merge_heads="product").injector.merge
-    torch.testing.assert_close(merge(weights)[0, 0], torch.tensor([0.0, 0.9, 0.0, 0.0]), atol=1e-6, rtol=0)
-    assert merge(torch.zeros(1, 2, 1, 4)).abs().max() < 1e-6
+    torch.testing.assert_close(merge_heads(weights, "mean")[0, 0], torch.tensor([0.3, 0.3, 0.3, 0.0]))
+    torch.testing.assert_close(merge_heads(weights, "product")[0, 0], torch.tensor([0.0, 0.9, 0.0, 0.0]), atol=1e-6, rtol=0)
+    assert merge_heads(torch.zeros(1, 2, 1, 4), "product").abs().max() < 1e-6
 
 
 def test_the_abstain_read_answers_where_the_question_matches_nothing(copy_graft):

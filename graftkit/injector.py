@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
+from pydantic import BaseModel
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -135,7 +136,7 @@ class PerPositionReads(Injector):
             yield context
 
 
-def reads_each_position(injector_class: type, config: InjectorConfig) -> bool:
+def reads_each_position(injector_class: type, config: BaseModel) -> bool:
     """Whether injectors of `injector_class` so configured read the memory at every position and keep the reads
     (false for a class without `reads_each_position`)."""
     method = getattr(injector_class, "reads_each_position", None)

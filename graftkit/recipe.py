@@ -22,6 +22,7 @@ from graftkit.errors import RecipeError, UnknownComponentError
 from graftkit.injector import reads_each_position
 from graftkit.memory import Memory
 from graftkit.plugins import get_plugins
+from graftkit.task import TaskConfig
 
 COMPONENT_BLOCKS = {"backbone": "backbone", "memory": "memory", "injector": "injector"}
 
@@ -166,7 +167,7 @@ class Recipe(Config):
 
     # filled by the second pass: each block validated by its component's (or task's) own Config
     _configs: dict[str, BaseModel] = {}
-    _tasks: list[BaseModel] = []
+    _tasks: list[TaskConfig] = []
 
     @field_validator("data", mode="before")
     @classmethod
@@ -176,7 +177,7 @@ class Recipe(Config):
     def component_config(self, kind: str) -> BaseModel:
         return self._configs[kind]
 
-    def task_configs(self) -> list[BaseModel]:
+    def task_configs(self) -> list[TaskConfig]:
         """Each data block validated by its task's Config, in order."""
         return list(self._tasks)
 
@@ -223,14 +224,15 @@ def validate_recipe(raw: dict, overrides: Iterable[str] = (), source: str | None
                 specs[block] = ComponentBlock.model_validate(raw.get(block))
             except ValidationError:
                 pass  # already reported by the first pass
-    configs = {}
+    configs: dict[str, BaseModel] = {}  # only blocks that validated: any other left a problem
     for block, spec in specs.items():
         config, errors = validate_block(block, spec)
         problems += errors
-        configs[block] = config
+        if config is not None:
+            configs[block] = config
     task_configs, errors = validate_tasks(raw.get("data"), recipe, single)
     problems += errors
-    if training and recipe is not None and configs.get("injector") is not None and not errors:
+    if training and recipe is not None and "injector" in configs and not errors:
         problems += _cross_checks(recipe, configs["injector"], task_configs)
     if single:  # the user wrote one mapping: name its keys `data.key`, as written
         problems = [(re.sub(r"^data\.0(?=\.|$)", "data", path), message) for path, message in problems]
@@ -241,7 +243,7 @@ def validate_recipe(raw: dict, overrides: Iterable[str] = (), source: str | None
     return recipe
 
 
-def validate_tasks(data: Any, recipe: Recipe | None, single: bool = False) -> tuple[list[BaseModel], list[tuple[str, str]]]:
+def validate_tasks(data: Any, recipe: Recipe | None, single: bool = False) -> tuple[list[TaskConfig], list[tuple[str, str]]]:
     """Each data block against its task's Config; paths are `data.key` for a recipe that wrote one block as a
     mapping (`single`), `data.N.key` in a list."""
     registry = get_plugins().registries["task"]
@@ -279,7 +281,7 @@ def writes_with_strengths(memory_class) -> bool:
     return getattr(memory_class, "write_strengths", Memory.write_strengths) is not Memory.write_strengths
 
 
-def _cross_checks(recipe: Recipe, injector_config: BaseModel, task_configs: list[BaseModel]) -> list[tuple[str, str]]:
+def _cross_checks(recipe: Recipe, injector_config: BaseModel, task_configs: list[TaskConfig]) -> list[tuple[str, str]]:
     """Problems that involve more than one block."""
     tasks = get_plugins().registries["task"]
     injector = get_plugins().registries["injector"].get(recipe.injector.kind)
@@ -363,7 +365,7 @@ def apply_override(raw: dict, item: str) -> list[tuple[str, str]]:
     except RecursionError:
         return [(key, f"override {key}=...: the value is nested too deeply")]
     parts = key.split(".")
-    node = raw
+    node: dict | list = raw
     for depth, part in enumerate(parts[:-1]):
         child = _child(node, part)
         if isinstance(child, list) and len(child) == 1 and not parts[depth + 1].isdigit():

@@ -46,7 +46,7 @@ BLOCKS = {
 #: Registry kind (see graftkit.registry) documented under each recipe block.
 KIND_OF_BLOCK = {"backbone": "backbone", "memory": "memory", "injector": "injector", "data": "task"}
 #: The Config every component of a kind subclasses, where core defines one: its keys are listed once.
-SHARED = {"memory": MemoryConfig, "injector": InjectorConfig, "task": TaskConfig}
+SHARED: dict[str, type[BaseModel]] = {"memory": MemoryConfig, "injector": InjectorConfig, "task": TaskConfig}
 
 
 def render(plugins=None) -> str:

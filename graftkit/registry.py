@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+from typing import Any
 
 from graftkit.errors import DuplicateComponentError, UnknownComponentError
 
@@ -14,7 +15,7 @@ class Registry:
 
     def __init__(self, kind: str):
         self.kind = kind
-        self.classes: dict[str, type] = {}
+        self.classes: dict[str, type[Any]] = {}
         self.owners: dict[str, str] = {}
 
     def register(self, cls: type, owner: str) -> None:
@@ -31,7 +32,7 @@ class Registry:
         self.classes[name] = cls
         self.owners[name] = owner
 
-    def get(self, name: str, where: str | None = None) -> type:
+    def get(self, name: str, where: str | None = None) -> type[Any]:
         if name in self.classes:
             return self.classes[name]
         raise UnknownComponentError(unknown_message(self.kind, name, sorted(self.classes), where))

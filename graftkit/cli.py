@@ -167,8 +167,9 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     overrides = list(args.overrides)
-    if args.lengths:
-        overrides += lengths_overrides(args.run_dir, _split(args.lengths), overrides)
+    lengths = _split(args.lengths)
+    if lengths is not None:
+        overrides += lengths_overrides(args.run_dir, lengths, overrides)
     evaluate_run(args.run_dir, n=args.n, checkpoint=args.checkpoint, rows=_split(args.rows), out=args.out, overrides=overrides)
     return 0
 

@@ -19,6 +19,7 @@ class Config(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
     def _no_booleans_for_numbers(cls, value, info: ValidationInfo):
+        assert info.field_name is not None  # a field validator always knows its field
         if isinstance(value, bool) and _numeric(cls.model_fields[info.field_name].annotation):
             raise ValueError("expected a number, not a yes/no")
         return value

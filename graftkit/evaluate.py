@@ -78,8 +78,9 @@ def backbone_predictions(backbone: Backbone, task: Task, samples: Sequence, full
                      disable=not progress, leave=False):
         chunk = samples[start : start + batch_size]
         ids, mask = pad(prompts[start : start + batch_size], tok.pad_token_id, side="left", device=backbone.device)
-        out = backbone.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                                      pad_token_id=tok.pad_token_id)
+        out = backbone.model.generate(  # type: ignore[operator]  # `model` is typed nn.Module
+            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
+        )
         outputs = tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
         results += [_scored(task, s, o) for s, o in zip(chunk, outputs)]
     return results
@@ -110,10 +111,11 @@ def accuracy_by_kind(predictions: Sequence[dict]) -> dict:
 
 def chance(task: Task, samples: Sequence) -> float | None:
     """Expected accuracy of a uniform guess from the closed answer set; None for open answers."""
-    sizes = [task.labels(s) for s in samples]
-    if any(labels is None for labels in sizes):
+    label_sets = [task.labels(s) for s in samples]
+    sizes = [len(labels) for labels in label_sets if labels is not None]
+    if len(sizes) < len(label_sets):
         return None
-    return float(np.mean([1.0 / len(labels) for labels in sizes]))
+    return float(np.mean([1.0 / size for size in sizes]))
 
 
 def cell_names(tasks: Sequence[Task]) -> list[list[str]]:
@@ -130,7 +132,7 @@ def evaluate(graft, recipe, n: int, rows: Sequence[str] = ROWS, progress: bool =
     backbone = graft.backbone
     cache = HiddenCache(graft, "auto" if recipe.train.cache_hidden_states else None)
     tasks = [build_task(c) for c in recipe.task_configs()]
-    table = {row: {} for row in rows if row != "preservation"}
+    table: dict[str, dict[str, float | None]] = {row: {} for row in rows if row != "preservation"}
     predictions, cells = [], []
     for task, names in zip(tasks, cell_names(tasks)):
         for bucket, key in zip(task.buckets("test"), names):
@@ -143,7 +145,7 @@ def evaluate(graft, recipe, n: int, rows: Sequence[str] = ROWS, progress: bool =
                 if row in ("graft", "empty"):
                     if row == "graft":
                         cache.fill(samples, progress=progress)
-                    got = graft_predictions(graft, task, samples, cache, empty=row == "empty", progress=progress)
+                    got: list[dict] | None = graft_predictions(graft, task, samples, cache, empty=row == "empty", progress=progress)
                 else:
                     got = backbone_predictions(backbone, task, samples, full_context=row == "full_context", progress=progress)
                 if got is None:

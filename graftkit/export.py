@@ -170,7 +170,7 @@ def export_graft(
     backbone, plugins = graft.backbone, get_plugins()
     tensors = _graft_tensors(graft)
     kinds = {"backbone": backbone.name, "memory": graft.memory.name, "injector": graft.injector.name}
-    config = {
+    config: dict[str, Any] = {
         "format": EXPORT_FORMAT,
         "format_version": FORMAT_VERSION,
         "graftkit_version": _version("graftkit"),

@@ -33,6 +33,9 @@ class Graft(nn.Module):
     `trainable_parameters()` hold graft tensors only.
     """
 
+    #: The export's configuration, on a graft loaded by `graftkit.export.load_graft` (absent otherwise).
+    export_config: dict
+
     def __init__(self, backbone: Backbone, memory: Memory, injector: Injector, calibrate: bool = True):
         """`calibrate=False` leaves the write statistics unmeasured (the identity): for callers that load
         trained graft tensors next, which carry them."""
@@ -55,6 +58,7 @@ class Graft(nn.Module):
         """Measure the write-layer statistics of `WriteNorm` on the fixed calibration passage."""
         ids = self.backbone.text_ids(calibration_text())[:CALIBRATION_TOKENS]
         hidden = self.context_hidden(torch.tensor([ids], device=self.backbone.device))
+        assert self.write_norm is not None, "calibrate: this graft's memory does not standardize its writes"
         self.write_norm.calibrate(hidden[0])
 
     # -- identity ------------------------------------------------------------------------------------
@@ -152,6 +156,7 @@ class Graft(nn.Module):
             if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
                 raise GraftkitError("memorize: texts must be a string or a list of strings, one per row")
             input_ids, attention_mask = self.tokenize_context(list(texts))
+        assert input_ids is not None  # texts or input_ids, checked above
         if state is not None and state.batch_size != input_ids.shape[0]:
             raise GraftkitError(f"memorize: {input_ids.shape[0]} texts but the state has {state.batch_size} rows")
         hidden = self.context_hidden(input_ids, attention_mask)
@@ -194,7 +199,7 @@ class Graft(nn.Module):
             return None, mask, positions(mask)
         from transformers import DynamicCache  # here, not at the top: transformers takes seconds to import
 
-        cache = DynamicCache(config=self.backbone.model.config)
+        cache = DynamicCache(config=self.backbone.model.config)  # type: ignore[arg-type]  # `model` is typed nn.Module
         batch = mask.shape[0]
         for index, (k, v) in enumerate(prefix_kv):
             cache.update(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1), index)

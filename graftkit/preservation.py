@@ -151,7 +151,7 @@ def preservation(graft, n: int = 250, max_new_tokens: int = 16, batch_size: int 
                                       pad_token_id=tok.pad_token_id)
         bare = [t.strip() for t in tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)]
         answers += [{"question": p, "target": b, "output": g, "correct": g == b} for p, g, b in zip(chunk, grafted, bare)]
-    losses = {"graft": [], "backbone": []}
+    losses: dict[str, list[float]] = {"graft": [], "backbone": []}
     for text in held_out_passages():
         ids = torch.tensor([backbone.text_ids(text)], device=backbone.device)
         losses["graft"].append(graft(ids, state, labels=ids).loss.item())

@@ -87,6 +87,7 @@ class HiddenCache:
             self.directory.mkdir(parents=True, exist_ok=True)
 
     def path(self, sample) -> Path:
+        assert self.directory is not None, "a cache without a directory stores nothing"
         return self.directory / f"{sample.context_uid}.safetensors"
 
     def has(self, sample) -> bool:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -127,6 +128,7 @@ class RecallHead(nn.Module):
         question part's tokens, `ends` (b) is the index just past each row's question part (answers may follow)."""
         if self.query == "mixture":
             return answer_logprobs(self.linear, reads, question)
+        assert backs is not None  # every query but the mixture has them
         rows = torch.arange(reads.shape[0], device=reads.device)
         return torch.log_softmax(self.linear(reads[rows, ends - backs]), dim=-1)
 
@@ -168,14 +170,15 @@ def recall_stage(graft, cache, head: RecallHead, train_buckets: dict, eval_bucke
     (None: no bar)."""
     params = [*graft.trainable_parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    keys, window = sorted(train_buckets), []
+    keys = sorted(train_buckets)
+    window: list[float] = []
 
     def logprobs(samples) -> torch.Tensor:
         reads, question = question_reads(graft, cache, samples)
         ends = torch.full((len(samples),), question.shape[1], device=reads.device)  # left padding: the question ends the row
         return head(reads, question, ends, head.backs(graft.backbone, samples))
 
-    steps = range(cfg.recall_steps) if bar is None else bar(range(cfg.recall_steps), desc="recall stage")
+    steps: Any = range(cfg.recall_steps) if bar is None else bar(range(cfg.recall_steps), desc="recall stage")  # or a bar over it
     for step in steps:
         rng = np.random.default_rng([cfg.seed, step, 1 << 20])  # a stream apart from the end-to-end steps'
         bucket = train_buckets[keys[rng.integers(len(keys))]]

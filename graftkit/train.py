@@ -15,8 +15,10 @@ import json
 import math
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,7 +63,7 @@ class TwoTurn(nn.Module):
     """Turn-1 write + turn-2 loss (+ each objective's weighted term) as one forward, so data-parallel
     wrappers see a single call. `out.terms` holds what the objectives report."""
 
-    def __init__(self, graft, objectives: list[Objective] = ()):
+    def __init__(self, graft, objectives: Sequence[Objective] = ()):
         super().__init__()
         self.graft = graft
         self.objectives = nn.ModuleList(objectives)
@@ -195,8 +197,8 @@ def _train(recipe: Recipe, resume: bool, progress: bool, resolved: dict) -> Trai
     torch.manual_seed(cfg.seed)  # after loading: building a tiny-random backbone draws numbers too
     graft = build_graft(recipe, backbone=backbone, calibrate=not resume)  # a resumed run loads its statistics
     if cfg.init_from and not resume:
-        file, kept = load_initial_tensors(graft, cfg.init_from)
-        print(f"starting from the graft tensors in {file}" + (f" ({len(kept)} keep their initialisation)" if kept else ""))
+        file, untouched = load_initial_tensors(graft, cfg.init_from)
+        print(f"starting from the graft tensors in {file}" + (f" ({len(untouched)} keep their initialisation)" if untouched else ""))
     graft.freeze(cfg.freeze, apply=False)  # a wrong name stops the run before the caches fill
     if recipe.backbone.options().get("quantize") is None:  # quantized weights are placed at load time
         graft.backbone.model.to(accelerator.device)
@@ -220,6 +222,7 @@ def _train(recipe: Recipe, resume: bool, progress: bool, resolved: dict) -> Trai
         show = progress and accelerator.is_main_process
         wanted = {length_label(n) for n in cfg.recall_lengths}
         drawn = {k: v for k, v in train_buckets.items() if not wanted or length_label(v[0].length or "0") in wanted}
+        assert head is not None and metrics is not None  # made above for a recall stage of a new run
         scores = recall_stage(graft, cache, head, drawn, eval_buckets, cfg, metrics, lambda it, **kw: bar(it, disable=not show, **kw))
         metrics.write(recall_eval={names[k]: v for k, v in scores.items()})
         print("recall stage: held-out recall accuracy " + " ".join(f"{names[k]}={v:.1%}" for k, v in scores.items()))
@@ -227,7 +230,7 @@ def _train(recipe: Recipe, resume: bool, progress: bool, resolved: dict) -> Trai
         frozen = graft.freeze(cfg.freeze)
         print(f"holding {len(frozen)} graft parameters fixed ({', '.join(cfg.freeze)})")
 
-    kept = {"recall_head": head} if cfg.recall_weight else {}  # trained beside the graft, checkpointed apart from it
+    kept = {"recall_head": head} if cfg.recall_weight and head is not None else {}  # trained beside the graft, checkpointed apart from it
     params = [*graft.trainable_parameters(), *(p for module in kept.values() for p in module.parameters())]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps))
@@ -235,7 +238,8 @@ def _train(recipe: Recipe, resume: bool, progress: bool, resolved: dict) -> Trai
     model = TwoTurn(graft, objectives)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
-    start, best = 0, {"accuracy": -1.0, "step": 0}
+    start = 0
+    best: dict[str, Any] = {"accuracy": -1.0, "step": 0}
     if resume:
         last, info = load_newest(run_dir, graft, optimizer, scheduler, kept)
         (run_dir / "recipe.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
@@ -245,15 +249,20 @@ def _train(recipe: Recipe, resume: bool, progress: bool, resolved: dict) -> Trai
         was = set_learning_rate(optimizer, scheduler, cfg.lr)
         print(f"resuming {run_dir} from step {start}" + (f" with learning rate {cfg.lr:g} (was {was:g})" if was is not None else ""))
         metrics = Metrics(run_dir / "metrics.jsonl", resume_from=start)
+    assert metrics is not None  # a new run's was opened above, a resumed run's just now
     keys, weights = sorted(train_buckets), [c.weight for c in recipe.task_configs()]
     rank = accelerator.process_index
     windowed = {name for objective in objectives for name in objective.windowed}
-    t0, window, windows = time.perf_counter(), [], {name: [] for name in windowed}
+    t0 = time.perf_counter()
+    window: list[float] = []
+    windows: dict[str, list[float]] = {name: [] for name in windowed}
     skipped, bad_run = 0, 0  # updates dropped for a non-finite loss or gradient: in all, in a row
     pbar = bar(range(start, cfg.steps), initial=start, total=cfg.steps, desc="training", disable=not (progress and accelerator.is_main_process))
     model.train()
     for step in pbar:
-        step_loss, step_terms, step_acc = 0.0, {}, []
+        step_loss = 0.0
+        step_terms: dict[str, float] = {}
+        step_acc: list[float] = []
         for micro in range(cfg.grad_accum):
             rng = np.random.default_rng([cfg.seed, step, micro, rank])
             key = draw_bucket(rng, keys, weights)

@@ -28,6 +28,9 @@ CALIBRATION_TOKENS = 1024
 class WriteNorm(nn.Module):
     """x ↦ (x − mean) · inv_std per channel; the identity until `calibrate` is called."""
 
+    mean: torch.Tensor  # buffers (d)
+    inv_std: torch.Tensor
+
     def __init__(self, dim: int):
         super().__init__()
         self.register_buffer("mean", torch.zeros(dim))

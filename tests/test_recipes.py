@@ -25,7 +25,7 @@ RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
 BROKEN = sorted((Path(__file__).parent / "recipes_broken").glob("*.yaml"))
 EXPECT = re.compile(r"^#\s*error:\s*(?P<path>\S+)\s*\|\s*(?P<fragment>.+?)\s*$")
 NO_PATH = "(file)"
-BASE = ROOT / "recipes" / "smollm2_titans_layer0.yaml"
+BASE = ROOT / "recipes" / "experiments" / "smollm2_titans_layer0.yaml"
 
 
 def expected_problems(path: Path) -> list[tuple[str, str]]:
@@ -288,7 +288,7 @@ def test_bad_overrides_are_reported_together():
 
 
 def test_the_recall_stage_is_refused_with_training_stories_in_other_words(capsys):
-    assert main(["validate", str(ROOT / "recipes" / "smollm2_linear_recall.yaml"), "data.train_vocabulary=varied"]) == 2
+    assert main(["validate", str(ROOT / "recipes" / "experiments" / "smollm2_linear_recall.yaml"), "data.train_vocabulary=varied"]) == 2
     assert "train.recall_steps: classifies into bAbI's answers" in capsys.readouterr().err
 
 

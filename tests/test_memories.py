@@ -355,6 +355,13 @@ def test_key_span_starts_as_the_single_token_memory(name):
 
 
 @pytest.mark.parametrize("name", SPANNING)
+def test_key_span_empty_write_is_a_no_op(name):
+    memory = spanning_memory(name)
+    state = memory.write(torch.randn(2, 5, DIM), memory.init_state(2))  # a tail of written inputs to keep
+    assert_states_equal(memory.write(torch.randn(2, 0, DIM), state), state, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", SPANNING)
 def test_keys_see_earlier_tokens(name):
     memory = spanning_memory(name)
     x = torch.randn(1, 9, DIM)

@@ -20,7 +20,7 @@ processes hold the cores.
 
     python bench/generation_overhead.py            # batch 1 and 8, 32 new tokens, 7 runs
     python bench/generation_overhead.py --quick    # batch 1 only, 8 new tokens, 3 runs
-    python bench/generation_overhead.py --recipe recipes/smollm2_titans_layer0.yaml
+    python bench/generation_overhead.py --recipe recipes/experiments/smollm2_titans_layer0.yaml
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ costs to push that many tokens through the model, and its answer is meaningless 
 
     python bench/recall_latency.py            # 1k, 4k, 16k tokens, 3 runs
     python bench/recall_latency.py --quick    # 1k and 4k, 3 runs
-    python bench/recall_latency.py --recipe recipes/smollm2_titans_layer0.yaml
+    python bench/recall_latency.py --recipe recipes/experiments/smollm2_titans_layer0.yaml
 """
 
 from __future__ import annotations

@@ -40,6 +40,7 @@ from safetensors.torch import load_file, save_file
 from graftkit.api import graft_from_configs, load_backbone
 from graftkit.backbone import Backbone
 from graftkit.checkpoint import load_run
+from graftkit.config import with_former_defaults
 from graftkit.errors import ExportError, GraftkitError
 from graftkit.graft import Graft
 from graftkit.model_card import model_card
@@ -359,7 +360,10 @@ def load_graft(directory, backbone: Backbone | None = None) -> Graft:
     classes = {}
     for kind in COMPONENTS:
         classes[kind] = _component_class(plugins, kind, config[kind]["kind"], config["plugins"][kind])
-    options = {kind: _known_options(classes[kind], config[kind]["config"], f"{kind}.config", path) for kind in COMPONENTS}
+    # an export records every option: one that lacks an option predates it and was made with its former default
+    options = {kind: with_former_defaults(classes[kind].Config,
+                                          _known_options(classes[kind], config[kind]["config"], f"{kind}.config", path))
+               for kind in COMPONENTS}
     tensors = _read_tensors(directory / TENSORS_FILE, config["files"].get(TENSORS_FILE))
     if backbone is None:
         backbone = load_backbone({"kind": config["backbone"]["kind"], **options["backbone"]})

@@ -184,6 +184,8 @@ class KeyMix(nn.Module):
         """(mixed inputs b n d, new tail b span−1 d); a masked position's mixed value is arbitrary."""
         b, n, d = x.shape
         s = self.span - 1
+        if n == 0:  # nothing written: the tail stays as it was
+            return x, tail
         if mask is None:
             order, count = None, torch.full((b,), n, device=x.device)
             packed = x

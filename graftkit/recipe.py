@@ -16,12 +16,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from graftkit.config import Config
+from graftkit.config import Config, with_former_defaults
 from graftkit.data.tasks import DataError, length_label
 from graftkit.errors import RecipeError, UnknownComponentError
 from graftkit.injector import reads_each_position
 from graftkit.memory import Memory
 from graftkit.plugins import get_plugins
+from graftkit.run_dir import is_run
 from graftkit.task import TaskConfig
 
 COMPONENT_BLOCKS = {"backbone": "backbone", "memory": "memory", "injector": "injector"}
@@ -182,11 +183,13 @@ class Recipe(Config):
         return list(self._tasks)
 
 
-def load_recipe(path: str | Path, overrides: Iterable[str] = (), training: bool = True) -> Recipe:
+def load_recipe(path: str | Path, overrides: Iterable[str] = (), training: bool = True, saved: bool | None = None) -> Recipe:
     """Read, override and validate a recipe file; raises RecipeError listing every problem.
 
     `training=False` (evaluating or exporting a trained run) skips the checks that only concern training:
-    whether the objectives it asks for suit its injector, memory and tasks."""
+    whether the objectives it asks for suit its injector, memory and tasks. `saved`: the file is a training
+    run's own recipe.yaml (default: when it is named so and its folder holds a run), read as `saved_recipe`
+    says."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError([("", f"recipe file {path} does not exist")], source=str(path))
@@ -202,16 +205,23 @@ def load_recipe(path: str | Path, overrides: Iterable[str] = (), training: bool 
         raise RecipeError([("", "nested too deeply to be a recipe")], source=str(path)) from None
     if not isinstance(raw, dict):
         raise RecipeError([("", "a recipe is a YAML mapping (key: value lines)")], source=str(path))
-    return validate_recipe(raw, overrides, source=str(path), training=training)
+    if saved is None:
+        saved = path.name == "recipe.yaml" and is_run(path.parent)
+    return validate_recipe(raw, overrides, source=str(path), training=training, saved=saved)
 
 
-def validate_recipe(raw: dict, overrides: Iterable[str] = (), source: str | None = None, training: bool = True) -> Recipe:
+def validate_recipe(raw: dict, overrides: Iterable[str] = (), source: str | None = None, training: bool = True,
+                    saved: bool = False) -> Recipe:
+    """A Recipe from a raw mapping (after `overrides`), every component and task block checked against its Config;
+    `saved`: a run's own recipe.yaml (see `saved_recipe`)."""
     problems: list[tuple[str, str]] = []
     single = isinstance(raw.get("data"), dict)  # one block written as a mapping: its paths read `data.key`
     if single:
         raw = {**raw, "data": [raw["data"]]}
     for item in overrides:
         problems += apply_override(raw, item)
+    if saved:
+        raw = saved_recipe(raw)
     try:
         recipe = Recipe.model_validate(raw)
         specs = {block: getattr(recipe, block) for block in COMPONENT_BLOCKS}
@@ -241,6 +251,31 @@ def validate_recipe(raw: dict, overrides: Iterable[str] = (), source: str | None
     recipe._configs = configs
     recipe._tasks = task_configs
     return recipe
+
+
+def saved_recipe(raw: dict) -> dict:
+    """A run's saved recipe with what it was trained with: each component block gets the former default
+    (`Config.former_defaults`) of every option it does not record. A run saved since `resolved_recipe` records
+    every option, so only older runs, whose recipe.yaml holds just what their recipe set, are filled."""
+    registries = get_plugins().registries
+    filled = dict(raw)
+    for block, kind in COMPONENT_BLOCKS.items():
+        spec = raw.get(block)
+        if not isinstance(spec, dict) or not isinstance(spec.get("kind"), str):
+            continue
+        cls = registries[kind].classes.get(spec["kind"])
+        if cls is not None:
+            filled[block] = with_former_defaults(cls.Config, spec)
+    return filled
+
+
+def resolved_recipe(recipe: Recipe) -> dict:
+    """The recipe as a run's recipe.yaml records it: every option of its backbone, memory and injector written
+    out, defaults included, so that the run is read as it was trained after a default changes."""
+    resolved = recipe.model_dump(mode="json")
+    for block in COMPONENT_BLOCKS:
+        resolved[block] = {"kind": getattr(recipe, block).kind, **recipe.component_config(block).model_dump(mode="json")}
+    return resolved
 
 
 def validate_tasks(data: Any, recipe: Recipe | None, single: bool = False) -> tuple[list[TaskConfig], list[tuple[str, str]]]:

@@ -27,7 +27,8 @@ INTRO = """\
 A recipe is a YAML file with the keys below. `graftkit validate RECIPE` checks one without loading any
 weights and reports every problem at once; `graftkit train RECIPE key=value ...` changes keys for one run
 (`train.lr=3e-4`, `memory.heads=4`, `data.tasks=[qa1,qa2]`; the blocks of a `data` list are reached as
-`data.0.key=...`)."""
+`data.0.key=...`). A run's own `recipe.yaml` records every key of its backbone, memory and injector,
+defaults included, so that the run keeps its meaning when a default changes."""
 
 #: What each recipe block is for, above its keys.
 BLOCKS = {

@@ -13,6 +13,15 @@ MARKER = ".graftkit-run"
 LOCK = ".lock"
 
 
+#: Entries that only a graftkit run folder holds (beside its recipe.yaml).
+RUN_ENTRIES = (MARKER, LOCK, "metrics.jsonl", "checkpoints")
+
+
+def is_run(folder: Path) -> bool:
+    """Whether `folder` holds a graftkit training run."""
+    return any((Path(folder) / name).exists() for name in RUN_ENTRIES)
+
+
 def check_foreign(run_dir: Path) -> None:
     """Refuse an existing, non-empty `output_dir` that is not a graftkit run (a project folder, an export)."""
     if not run_dir.is_dir():
@@ -20,7 +29,7 @@ def check_foreign(run_dir: Path) -> None:
             raise GraftkitError(f"output_dir: {run_dir} is a file, not a folder")
         return
     entries = sorted(p.name for p in run_dir.iterdir())
-    if entries and not any((run_dir / name).exists() for name in (MARKER, LOCK, "metrics.jsonl", "checkpoints")):
+    if entries and not is_run(run_dir):
         shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
         raise GraftkitError(f"output_dir: {run_dir} holds files that are not a graftkit run ({shown}); "
                             "choose a new or empty folder")

@@ -43,7 +43,7 @@ from graftkit.plots import metric_lines, plot_metrics
 from graftkit.progress import bar, status
 from graftkit.protocol import HiddenCache, turn2_batch
 from graftkit.recall import RecallHead, load_initial_head, recall_stage
-from graftkit.recipe import Recipe
+from graftkit.recipe import Recipe, load_recipe, resolved_recipe
 from graftkit.run_dir import MARKER, check_foreign, run_lock
 from graftkit.task import Task, build_task, load_examples
 
@@ -116,11 +116,14 @@ RESUMABLE = {"train.steps", "train.eval_every", "train.log_every", "train.lr"}
 
 
 def check_resumable(run_dir: Path, resolved: dict) -> None:
-    """Refuse to resume a run with a recipe that differs from its own `recipe.yaml` other than in `RESUMABLE`."""
+    """Refuse to resume a run with a recipe that differs from its own `recipe.yaml` other than in `RESUMABLE`.
+
+    Both are compared as `resolved_recipe` writes them, the run's own read as it was trained (`load_recipe`
+    reads a run's saved recipe with the defaults of its time)."""
     path = run_dir / "recipe.yaml"
     try:
-        saved = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as error:
+        saved = resolved_recipe(load_recipe(path, training=False, saved=True))
+    except GraftkitError as error:
         raise GraftkitError(f"--resume: cannot read the run's recipe {path}: {error}") from None
     was, now = _flat(saved), _flat(resolved)
     changed = [key for key in sorted(set(was) | set(now)) if was.get(key) != now.get(key) and key not in RESUMABLE]
@@ -174,7 +177,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
         raise GraftkitError(f"--resume: {run_dir} has no checkpoint to resume from")
     if cfg.init_from and not resume:
         initial_tensors_file(cfg.init_from)  # a wrong path stops the run before the backbone loads
-    resolved = recipe.model_dump(mode="json")
+    resolved = resolved_recipe(recipe)
     if resume:
         check_resumable(run_dir, resolved)
     check_foreign(run_dir)

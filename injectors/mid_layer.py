@@ -1,21 +1,23 @@
-"""Gated cross-attention onto memory tokens in the middle of the frozen backbone.
+"""Gated cross-attention onto the memory in the middle of the frozen backbone.
 
 A forward hook on decoder layer `layer` adds tanh(gate) · cross-attention(RMSNorm(hidden), memory
-tokens) to that layer's output, i.e. to the residual stream the next layer reads. The memory tokens are
-read once per forward pass by `num_tokens` learned queries; the hook sees every position, including
-each new token of cached generation. The gate starts closed (`gate_init` 0.0), so a fresh graft is the
-bare backbone; rows with an empty memory are never changed. With `direct_read`, each position also
-reads the memory itself as one more key/value: the query is a projection of its hidden state,
-standardised like written states (the graft's `query_norm`), so a question token asks the memory in
-the space its keys were written from; with `layer` = the memory's write_layer − 1 it is the very same
-space (decoder layer i outputs hidden state i + 1).
+reads) to that layer's output, i.e. to the residual stream the next layer reads; the hook sees every
+position, including each new token of cached generation. The gate starts closed (`gate_init` 0.0), so
+a fresh graft is the bare backbone; rows with an empty memory are never changed.
+
+With `direct_read` (the default), each position reads the memory itself: the query is a projection of
+its hidden state, standardised like written states (the graft's `query_norm`), so a question token asks
+the memory in the space its keys were written from; with `layer` = the memory's write_layer − 1 it is
+the very same space (decoder layer i outputs hidden state i + 1). `num_tokens` > 0 adds memory tokens,
+read once per forward pass by learned queries and shared by every position, attended to beside the
+position's own read; with the default 0 each position gets what its own query recalls and nothing else.
 
 Legend: b batch, n tokens, k memory tokens, d hidden size.
 """
 
 from __future__ import annotations
 
-from graftkit.injectors.xattn import CrossAttentionConfig, GatedCrossAttention, MemoryTokenInjector
+from graftkit.injectors.xattn import GATE_HELP, CrossAttentionConfig, GatedCrossAttention, GateKind, MemoryTokenInjector
 from pydantic import Field, model_validator
 from torch import nn
 
@@ -34,22 +36,28 @@ class MidLayer(PerPositionReads, MemoryTokenInjector):
             "whose output receives the memory; default: the middle one, num_layers // 2.",
         )
         num_tokens: int = Field(
-            16,
+            0,
             ge=0,
             le=1024,
-            description="Memory tokens read by learned queries, attended to by every position; 0 (only with "
-            "direct_read) leaves each position its own read alone, so what it gets is what its own query recalls.",
+            description="Memory tokens read by learned queries and attended to by every position (beside its own read, "
+            "with direct_read); 0 (only with direct_read) leaves each position its own read alone, so what it gets "
+            "is what its own query recalls.",
         )
         direct_read: bool = Field(
-            False,
-            description="Also read the memory once per token, queried with a projection of the token's hidden state "
-            "at this layer, and attend to that read as one more key/value next to the memory tokens.",
+            True,
+            description="Read the memory once per token, queried with a projection of the token's hidden state at "
+            "this layer, and attend to that read as one more key/value next to the memory tokens. false needs "
+            "num_tokens > 0.",
         )
+        gate: GateKind = Field("token", description=GATE_HELP)
+
+        former_defaults = {"num_tokens": 16, "direct_read": False, "gate": "scalar"}
 
         @model_validator(mode="after")
         def _tokens_or_own_read(self):
             if self.num_tokens == 0 and not self.direct_read:
-                raise ValueError("num_tokens: 0 needs direct_read: true (otherwise there is nothing to attend to)")
+                raise ValueError("direct_read: false needs memory tokens to attend to: set num_tokens (e.g. 16), "
+                                 "or direct_read: true")
             return self
 
     config: Config

@@ -74,26 +74,29 @@ class LinearMemory(Memory):
         decay: bool = Field(
             True, description="Learn a per-token forgetting gate (gated delta rule); False keeps everything until overwritten."
         )
-        key_span: int = Field(1, ge=1, le=16, description=KEY_SPAN_HELP)
+        key_span: int = Field(6, ge=1, le=16, description=KEY_SPAN_HELP)
         value_span: int = Field(1, ge=1, le=16, description=VALUE_SPAN_HELP)
         value_offset: int = Field(0, ge=0, le=16, description=VALUE_OFFSET_HELP)
         gate_span: int = Field(
-            1,
+            4,
             ge=1,
             le=16,
             description="Tokens a write strength is computed from: the token and the next gate_span − 1 of the same "
             "write call (padding and masked tokens included as they are), so whether a name is written can depend on "
-            "the words after it. The look-ahead weights start at 0: a graft trained with 1 loads into it unchanged, and "
-            "a seed starts every other weight as it does with 1.",
+            "the words after it. 1 = the token alone. The look-ahead weights start at 0, so the gate starts out as "
+            "with 1 (train.init_from can start it from a graft trained with 1), and a seed starts every other weight "
+            "as it does with 1.",
         )
         write_floor: float = Field(
-            0.0,
+            0.3,
             ge=0.0,
             lt=1.0,
             description="At inference (eval mode: graftkit eval, exports, chat), write strengths below this count "
             "as 0, so a long context's many faint background writes are dropped; training writes every strength "
             "(0 = off).",
         )
+
+        former_defaults = {"key_span": 1, "gate_span": 1, "write_floor": 0.0}
 
     def __init__(self, config: LinearMemory.Config):
         super().__init__(config)

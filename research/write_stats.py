@@ -5,7 +5,7 @@ norm, the norm of the mean vector, the channels with the largest means, the mean
 (raw, and standardised with the graft's write statistics), and the mean |k_i·k_j| between unit memory
 keys of the recipe's freshly initialised memory, fed raw or standardised states.
 
-    python research/write_stats.py [--recipe recipes/smollm2_titans_layer0.yaml] [--samples 8] [--threads N]
+    python research/write_stats.py [--recipe recipes/experiments/smollm2_titans_layer0.yaml] [--samples 8] [--threads N]
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def mean_abs_cos(rows: torch.Tensor, limit: int = 2000) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", default="recipes/smollm2_titans_layer0.yaml")
+    parser.add_argument("--recipe", default="recipes/experiments/smollm2_titans_layer0.yaml")
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()

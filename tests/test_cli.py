@@ -18,7 +18,7 @@ from graftkit.errors import GraftkitError, RecipeError, StateError
 from graftkit.plugins import Plugins, reset_plugins
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ROOT / "recipes" / "smollm2_titans_layer0.yaml"
+RECIPE = ROOT / "recipes" / "experiments" / "smollm2_titans_layer0.yaml"
 THREE_PROBLEMS = ROOT / "tests" / "recipes_broken" / "three_problems.yaml"
 COMMANDS = ("validate", "plugins", "train", "eval")
 

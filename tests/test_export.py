@@ -357,6 +357,33 @@ def test_refusals_leave_the_backbone_bare(copy, tiny_backbone):
     assert no_hooks(backbone)
 
 
+def test_an_export_without_an_option_is_loaded_with_the_option_s_former_default(tiny_backbone, tmp_path):
+    """An export records every option of its components; one made before an option existed lacks it, and was made
+    with what that option's former default (`Config.former_defaults`) does."""
+    from graftkit.api import graft_from_configs
+    from graftkit.export import export_graft
+
+    backbone = tiny_backbone("llama")
+    former = {"memory": {"key_span": 1, "gate_span": 1, "write_floor": 0.0},
+              "injector": {"num_tokens": 16, "direct_read": False, "gate": "scalar"}}
+    graft = graft_from_configs(backbone, "linear", {"heads": 2, "dim_head": 16, "write_layer": 1, **former["memory"]},
+                               "mid_layer", {"layer": 1, "heads": 2, **former["injector"]})
+    try:
+        out = export_graft(graft, tmp_path / "export")
+    finally:
+        graft.injector.detach()
+    config = json.loads((out / CONFIG_FILE).read_text())
+    for block, options in former.items():
+        assert graftkit.components(block)[config[block]["kind"]].Config.former_defaults == options
+        for key in options:
+            del config[block]["config"][key]
+    (out / CONFIG_FILE).write_text(json.dumps(config))
+    with loaded(out, backbone) as again:
+        for block, options in former.items():
+            assert {key: getattr(getattr(again, block).config, key) for key in options} == options, block
+        assert again.graft_state_dict().keys() == graft.graft_state_dict().keys()
+
+
 def test_public_api():
     assert graftkit.load_graft is load_graft
     assert "load_graft" in graftkit.__all__

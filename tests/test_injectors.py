@@ -244,8 +244,8 @@ def test_the_memory_matters(graft):
 VARIANTS = [
     ("layer0_soft_prompt", {"direct_read": False}),
     ("layer0_soft_prompt", {"gate": "channel"}),
-    ("mid_layer", {"direct_read": True, "gate": "token", "layer": 0}),
-    ("mid_layer", {"direct_read": True, "num_tokens": 0, "layer": 0}),
+    ("mid_layer", {"direct_read": False, "gate": "scalar", "layer": 0}),  # memory tokens alone (SMALL's 4)
+    ("mid_layer", {"num_tokens": 0, "layer": 0}),  # each position's own read alone
     ("multi_layer_xattn", {"gate": "channel", "layers": [-1]}),
 ]
 
@@ -265,7 +265,7 @@ def test_option_variants_keep_the_guarantees(build, injector, options):
     assert torch.equal(cached, graft.generate(questions, state, mask, max_new_tokens=5, use_cache=False))
     graft(ids, graft.memorize(CONTEXTS), labels=ids).loss.backward()
     to_query = getattr(graft.injector, "to_query", None)
-    if options.get("direct_read", injector == "layer0_soft_prompt"):
+    if getattr(graft.injector.config, "direct_read", False):
         assert to_query is not None and to_query.weight.grad.abs().sum() > 0
     else:
         assert to_query is None
@@ -280,7 +280,7 @@ def test_graft_from_configs(tiny_backbone, injector, memory):
     graft = graft_from_configs(backbone, memory, options, injector, {"gate_init": 0.0})
     try:
         assert isinstance(graft.injector, graftkit.components("injector")[injector])
-        assert graft.injector.config.num_tokens == 16  # the default
+        assert graft.injector.config == type(graft.injector).Config(gate_init=0.0)  # every option not given: its default
         ids = random_ids()
         with torch.no_grad():
             out = graft(ids, graft.init_state(2))
@@ -340,7 +340,8 @@ def test_backbone_dependent_mistakes_are_messages(injector, options, message):
         ("multi_layer_xattn", {"layers": []}, "injector.layers"),
         ("mid_layer", {"gate": "vector"}, "injector.gate"),
         ("layer0_soft_prompt", {"num_tokens": 0}, "injector.num_tokens"),
-        ("mid_layer", {"num_tokens": 0}, "injector"),  # only with direct_read: the message names both fields
+        ("mid_layer", {"num_tokens": 0, "direct_read": False}, "injector"),  # the message names both fields
+        ("mid_layer", {"direct_read": False}, "injector"),  # no memory tokens by default: one of them is needed
         ("layer0_soft_prompt", {"num_token": 8}, "injector.num_token"),
     ],
 )

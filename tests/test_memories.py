@@ -345,13 +345,20 @@ def spanning_memory(name: str, span: int = 3):
 
 @pytest.mark.parametrize("name", SPANNING)
 def test_key_span_starts_as_the_single_token_memory(name):
-    plain, spanning = make_memory(name, DIM), make_memory(name, DIM, key_span=4)
+    plain, spanning = make_memory(name, DIM, key_span=1), make_memory(name, DIM, key_span=4)
     spanning.load_state_dict(plain.state_dict(), strict=False)
     x = torch.randn(2, 13, DIM)
     with torch.no_grad():
         a, b = plain.write(x, plain.init_state(2)), spanning.write(x, spanning.init_state(2))
     for key in a.tensors:
         assert torch.allclose(a[key], b[key], atol=1e-6), key
+
+
+@pytest.mark.parametrize("name", SPANNING)
+def test_key_span_empty_write_is_a_no_op(name):
+    memory = spanning_memory(name)
+    state = memory.write(torch.randn(2, 5, DIM), memory.init_state(2))  # a tail of written inputs to keep
+    assert_states_equal(memory.write(torch.randn(2, 0, DIM), state), state, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", SPANNING)
@@ -615,11 +622,12 @@ def test_max_surprise_backward_is_finite_through_empty_chunks():
 
 # -- linear: write floor ---------------------------------------------------------------------------
 def floored_and_plain(floor: float) -> tuple[LinearMemory, LinearMemory]:
-    floored = make_memory("linear", DIM, heads=1, decay=False, write_floor=floor)
+    # keys and strengths from each token alone, so that a floored token is exactly a masked one
+    floored = make_memory("linear", DIM, heads=1, decay=False, key_span=1, gate_span=1, write_floor=floor)
     with torch.no_grad():
         floored.to_beta.weight.normal_(0.0, 1.0)  # strengths spread over (0, 1)
         floored.to_beta.bias.zero_()
-    plain = make_memory("linear", DIM, heads=1, decay=False)
+    plain = make_memory("linear", DIM, heads=1, decay=False, key_span=1, gate_span=1, write_floor=0.0)
     plain.load_state_dict(floored.state_dict())
     return floored, plain
 
@@ -650,7 +658,7 @@ def test_write_floor_is_off_in_training():
 def test_gate_span_leaves_every_other_initial_weight_and_the_rng_as_they_were():
     config = dict(dim=16, heads=2, dim_head=8, decay=True, key_span=2, value_span=2)
     torch.manual_seed(0)
-    plain = LinearMemory(LinearMemory.Config(**config))
+    plain = LinearMemory(LinearMemory.Config(**config, gate_span=1))
     after_plain = torch.rand(4)
     torch.manual_seed(0)
     spanned = LinearMemory(LinearMemory.Config(**config, gate_span=4))
@@ -666,7 +674,7 @@ def test_gate_span_leaves_every_other_initial_weight_and_the_rng_as_they_were():
 def test_gate_span_starts_as_the_plain_gate_and_looks_ahead_only_within_its_span():
     torch.manual_seed(0)
     spanned = LinearMemory(LinearMemory.Config(dim=16, heads=2, dim_head=8, gate_span=3))
-    plain = LinearMemory(LinearMemory.Config(dim=16, heads=2, dim_head=8))
+    plain = LinearMemory(LinearMemory.Config(dim=16, heads=2, dim_head=8, gate_span=1))
     plain.load_state_dict({k: v for k, v in spanned.state_dict().items() if not k.startswith("beta_ahead")})
     x = torch.randn(2, 7, 16)
     with torch.no_grad():

@@ -117,7 +117,7 @@ def test_a_resumed_run_does_not_repeat_the_recall_stage(tmp_path, monkeypatch):
 
 def test_a_recall_stage_needs_reads_at_every_position(tmp_path):
     raw = json.loads(json.dumps(RECIPE))
-    raw["injector"] = {"kind": "mid_layer", "layer": 0}
+    raw["injector"] = {"kind": "mid_layer", "layer": 0, "direct_read": False, "num_tokens": 16}
     raw["train"]["recall_steps"] = 10
     with pytest.raises(RecipeError, match=r"train.recall_steps.*reads the memory at every position.*direct_read: true"):
         validate_recipe(raw)
@@ -202,7 +202,7 @@ def test_recall_weight_keeps_the_recall_head_training_and_resumes_it(tmp_path, m
 
 def test_a_recall_weight_needs_reads_at_every_position():
     raw = json.loads(json.dumps(RECIPE))
-    raw["injector"] = {"kind": "mid_layer", "layer": 0}
+    raw["injector"] = {"kind": "mid_layer", "layer": 0, "direct_read": False, "num_tokens": 16}
     raw["train"]["recall_weight"] = 0.5
     with pytest.raises(RecipeError, match=r"train.recall_weight.*reads the memory at every position"):
         validate_recipe(raw)

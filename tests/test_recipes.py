@@ -15,17 +15,19 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 import graftkit
 from graftkit.cli import main
-from graftkit.errors import RecipeError
+from graftkit.errors import GraftkitError, RecipeError
+from graftkit.recipe import resolved_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
 BROKEN = sorted((Path(__file__).parent / "recipes_broken").glob("*.yaml"))
 EXPECT = re.compile(r"^#\s*error:\s*(?P<path>\S+)\s*\|\s*(?P<fragment>.+?)\s*$")
 NO_PATH = "(file)"
-BASE = ROOT / "recipes" / "smollm2_titans_layer0.yaml"
+BASE = ROOT / "recipes" / "experiments" / "smollm2_titans_layer0.yaml"
 
 
 def expected_problems(path: Path) -> list[tuple[str, str]]:
@@ -108,6 +110,85 @@ def test_a_second_run_starts_from_a_shipped_recipe_with_the_same_graft(path):
     for length in first.task_configs()[0].train_lengths:
         assert length in second.task_configs()[0].train_lengths, (path.name, length)
         assert first.task_configs()[0].samples_for(length) == second.task_configs()[0].samples_for(length), (path.name, length)
+
+
+# -- the default recipe and the component defaults ---------------------------------------------------------
+
+DEFAULT = ROOT / "recipes" / "smollm2_linear_mid_layer.yaml"
+#: The graft the `make train` default was measured with (BENCHMARKS.md). Its recipe writes only what differs from
+#: the component defaults: a changed default must not change it unnoticed.
+MEASURED = {
+    "backbone": {"kind": "llama", "source": "smollm2-135m-instruct", "revision": None, "dtype": "float32", "quantize": None, "seed": 0},
+    "memory": {"kind": "linear", "dim": None, "write_layer": 8, "segment_tokens": 1024, "standardize": True, "heads": 8, "dim_head": 64,
+               "chunk_size": 64, "decay": False, "key_span": 6, "value_span": 1, "value_offset": 0, "gate_span": 4, "write_floor": 0.3},
+    "injector": {"kind": "mid_layer", "heads": 8, "dim_head": 64, "gate": "token", "gate_init": 0.0, "layer": 7, "num_tokens": 0,
+                 "direct_read": True},
+}
+
+
+def test_the_default_recipe_builds_the_measured_graft():
+    resolved = resolved_recipe(graftkit.load_recipe(DEFAULT))
+    for block, options in MEASURED.items():
+        assert resolved[block] == options, block
+
+
+@pytest.mark.parametrize("block", ["memory", "injector"])
+def test_the_default_recipe_writes_only_what_differs_from_the_component_defaults(block):
+    spec = getattr(graftkit.load_recipe(DEFAULT), block)
+    fields = graftkit.components(block)[spec.kind].Config.model_fields
+    same = [key for key, value in spec.options().items() if fields[key].get_default(call_default_factory=True) == value]
+    assert not same, f"{DEFAULT.name}: {block} writes its defaults {same}"
+
+
+#: A run's recipe.yaml as runs recorded it before they wrote every option: the options its recipe set.
+SAVED_BEFORE = {
+    "schema_version": 1,
+    "backbone": {"kind": "llama", "source": "tiny-random"},
+    "memory": {"kind": "linear", "heads": 2, "dim_head": 16, "write_layer": 1},
+    "injector": {"kind": "mid_layer", "layer": 1, "heads": 2},
+    "data": [{"task": "babilong", "tasks": ["qa1"], "train_lengths": ["0k"], "eval_lengths": ["0k"]}],
+    "train": {"steps": 4, "batch_size": 2},
+    "output_dir": "runs/saved_before",
+}
+FORMER = {"memory": {"key_span": 1, "gate_span": 1, "write_floor": 0.0}, "injector": {"num_tokens": 16, "direct_read": False, "gate": "scalar"}}
+
+
+def saved_run(folder: Path) -> Path:
+    """A run folder (it has checkpoints/) whose recipe.yaml is SAVED_BEFORE."""
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "recipe.yaml").write_text(yaml.safe_dump(SAVED_BEFORE))
+    return folder / "recipe.yaml"
+
+
+def test_a_run_saved_before_runs_recorded_every_option_is_read_with_the_defaults_it_was_trained_with(tmp_path):
+    path = saved_run(tmp_path / "run")
+    recipe = graftkit.load_recipe(path)
+    for block, former in FORMER.items():
+        assert graftkit.components(block)[SAVED_BEFORE[block]["kind"]].Config.former_defaults == former
+        config = recipe.component_config(block)
+        assert {key: getattr(config, key) for key in former} == former, block
+        assert {key: getattr(recipe, block).options()[key] for key in former} == former  # what build_graft builds from
+    # an override still changes them, for that use only
+    assert graftkit.load_recipe(path, ["memory.write_floor=0.5"]).component_config("memory").write_floor == 0.5
+    # the same text as a recipe of one's own takes today's defaults
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(path.read_text())
+    today = graftkit.load_recipe(mine)
+    for block, former in FORMER.items():
+        defaults = graftkit.components(block)[SAVED_BEFORE[block]["kind"]].Config.model_fields
+        assert {key: getattr(today.component_config(block), key) for key in former} == {key: defaults[key].default for key in former}
+        assert all(defaults[key].default != value for key, value in former.items())
+
+
+def test_resuming_a_run_saved_before_compares_what_it_was_trained_with(tmp_path):
+    from graftkit.train import check_resumable
+
+    path = saved_run(tmp_path / "run")
+    check_resumable(path.parent, resolved_recipe(graftkit.load_recipe(path)))  # its own recipe.yaml: the same graft
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(yaml.safe_dump(SAVED_BEFORE))  # the recipe text, read with today's defaults: another graft
+    with pytest.raises(GraftkitError, match=r"injector.direct_read: False in the run, True now"):
+        check_resumable(path.parent, resolved_recipe(graftkit.load_recipe(mine)))
 
 
 # -- broken recipes ----------------------------------------------------------------------------------
@@ -288,7 +369,7 @@ def test_bad_overrides_are_reported_together():
 
 
 def test_the_recall_stage_is_refused_with_training_stories_in_other_words(capsys):
-    assert main(["validate", str(ROOT / "recipes" / "smollm2_linear_recall.yaml"), "data.train_vocabulary=varied"]) == 2
+    assert main(["validate", str(ROOT / "recipes" / "experiments" / "smollm2_linear_recall.yaml"), "data.train_vocabulary=varied"]) == 2
     assert "train.recall_steps: classifies into bAbI's answers" in capsys.readouterr().err
 
 

@@ -7,8 +7,10 @@ import math
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
+import graftkit
 from graftkit.checkpoint import resolve_checkpoint
 from graftkit.cli import main
 from graftkit.errors import GraftkitError
@@ -43,6 +45,11 @@ def test_train_writes_a_complete_run(tmp_path):
     run = result.run_dir
     for name in ("recipe.yaml", "metrics.jsonl", "loss.png", "accuracy.png", "checkpoints/latest.json", "checkpoints/best.json"):
         assert (run / name).is_file(), name
+    saved = yaml.safe_load((run / "recipe.yaml").read_text())
+    for block in ("backbone", "memory", "injector"):  # every option, defaults included: a later default changes nothing
+        config = graftkit.components(block)[RECIPE[block]["kind"]].Config
+        assert set(saved[block]) == {"kind", *config.model_fields}, block
+        assert {k: saved[block][k] for k in RECIPE[block]} == RECIPE[block]
     step = run / "checkpoints" / "step-000004"
     assert sorted(p.name for p in step.iterdir()) == ["graft.safetensors", "optimizer.safetensors", "rng.safetensors", "trainer.json"]
     assert not list(run.rglob("*.pt")) and not list(run.rglob("*.bin")) and not list(run.rglob("*.pkl"))

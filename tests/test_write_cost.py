@@ -43,7 +43,8 @@ def steered(memory, gate: torch.nn.Linear, heads: int):
 def test_a_token_written_at_strength_zero_leaves_the_memory_as_it_was(kind):
     torch.manual_seed(0)
     if kind == "linear":
-        memory = LinearMemory(LinearMemory.Config(dim=DIM, heads=2, dim_head=8, decay=False, chunk_size=4))
+        # keys from each token alone: a key window would carry the unwritten token into the state's key_tail
+        memory = LinearMemory(LinearMemory.Config(dim=DIM, heads=2, dim_head=8, decay=False, chunk_size=4, key_span=1, gate_span=1))
         steered(memory, memory.to_beta, 2)
     else:
         memory = TitansMemory(TitansMemory.Config(dim=DIM, heads=2, dim_head=8, chunk_size=4))

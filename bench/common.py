@@ -12,7 +12,9 @@ DEFAULT_RECIPE = "recipes/smollm2_linear_mid_layer.yaml"  # the `make train` def
 def add_recipe_option(parser: argparse.ArgumentParser) -> None:
     """--recipe: the recipe whose graft is built and measured, by default the `make train` default."""
     parser.add_argument(
-        "--recipe", type=Path, default=ROOT / DEFAULT_RECIPE,
+        "--recipe",
+        type=Path,
+        default=ROOT / DEFAULT_RECIPE,
         help=f"recipe whose graft is measured (default: {DEFAULT_RECIPE}, the `make train` default)",
     )
 

@@ -75,8 +75,7 @@ def bare_generate(model, input_ids, attention_mask, max_new_tokens: int) -> torc
         new.append(token)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         pos = pos[:, -1:] + 1
-        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=pos,
-                    **cache_kwargs(output_cache(out)), use_cache=True)
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=pos, **cache_kwargs(output_cache(out)), use_cache=True)
     return torch.stack(new, dim=1)
 
 
@@ -123,9 +122,7 @@ def main(argv: list[str] | None = None) -> None:
         questions = [backbone.chat_ids(QUESTIONS[i % len(QUESTIONS)]) for i in range(batch)]
         ids, mask = pad(questions, backbone.tokenizer.pad_token_id, side="left", device=backbone.device)
         state = MemoryState.stack([one] * batch)
-        runs = {
-            ("bare", n): (lambda n=n: bare_generate(backbone.model, ids, mask, n)) for n in (1, args.new_tokens)
-        } | {
+        runs = {("bare", n): (lambda n=n: bare_generate(backbone.model, ids, mask, n)) for n in (1, args.new_tokens)} | {
             ("graft", n): (lambda n=n: graft.generate(ids, state, mask, max_new_tokens=n)) for n in (1, args.new_tokens)
         }
         for (side, n), run in runs.items():  # warm-up, and every run really generates n tokens per row
@@ -148,8 +145,10 @@ def main(argv: list[str] | None = None) -> None:
         "tok/s counts all rows' new tokens over the whole call (prefill included); decode tok/s leaves out the "
         "prefill (time of a 1-token call).\n"
     )
-    print("| batch | question tokens | 1-token call ms bare / grafted | tok/s bare | tok/s grafted | grafted / bare "
-          "| decode tok/s bare | decode tok/s grafted | decode grafted / bare |")
+    print(
+        "| batch | question tokens | 1-token call ms bare / grafted | tok/s bare | tok/s grafted | grafted / bare "
+        "| decode tok/s bare | decode tok/s grafted | decode grafted / bare |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for batch, width, pre_bare, pre_graft, tps, decode in rows:
         print(

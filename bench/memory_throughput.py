@@ -51,14 +51,21 @@ def build(implementation: str, cfg: dict) -> torch.nn.Module:
         from graftkit.memories.titans import TitansMemory
 
         config = TitansMemory.Config(
-            dim=cfg["dim"], heads=cfg["heads"], dim_head=cfg["dim_head"], depth=DEPTH, expansion=EXPANSION,
+            dim=cfg["dim"],
+            heads=cfg["heads"],
+            dim_head=cfg["dim_head"],
+            depth=DEPTH,
+            expansion=EXPANSION,
             chunk_size=cfg["chunk_size"],
         )
         return TitansMemory(config)
     from titans_pytorch import NeuralMemory
 
     return NeuralMemory(
-        dim=cfg["dim"], chunk_size=cfg["chunk_size"], heads=cfg["heads"], dim_head=cfg["dim_head"],
+        dim=cfg["dim"],
+        chunk_size=cfg["chunk_size"],
+        heads=cfg["heads"],
+        dim_head=cfg["dim_head"],
         default_model_kwargs=dict(depth=DEPTH, expansion_factor=float(EXPANSION)),
     )
 

@@ -52,16 +52,23 @@ def bare_answer(model, ids: torch.Tensor, new_tokens: int, chunk: int) -> torch.
     cache, out = None, None
     for start in range(0, ids.shape[1], chunk):
         end = min(start + chunk, ids.shape[1])
-        out = model(input_ids=ids[:, start:end], attention_mask=mask[:, :end], position_ids=pos[:, start:end],
-                    **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
+        out = model(
+            input_ids=ids[:, start:end],
+            attention_mask=mask[:, :end],
+            position_ids=pos[:, start:end],
+            **cache_kwargs(cache),
+            use_cache=True,
+            logits_to_keep=1,
+        )
         cache = output_cache(out)
     new = []
     for _ in range(new_tokens):
         token = out.logits[:, -1].argmax(-1)
         new.append(token)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions(mask)[:, -1:],
-                    **cache_kwargs(output_cache(out)), use_cache=True)
+        out = model(
+            input_ids=token[:, None], attention_mask=mask, position_ids=positions(mask)[:, -1:], **cache_kwargs(output_cache(out)), use_cache=True
+        )
     return torch.stack(new, dim=1)
 
 
@@ -135,13 +142,17 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.recipe.name} ({graft.memory.name} memory, {graft.injector.name} injector); BABILong {TASK} test sample "
         f"per length (prompt_reserve=0); greedy, exactly {args.new_tokens} new tokens; median of {args.runs} runs\n"
     )
-    print("| context | turn 1: memorize | memory state | turn 2 input | turn 2: answer from memory | full-context input | "
-          "full context: answer | full ÷ memory |")
+    print(
+        "| context | turn 1: memorize | memory state | turn 2 input | turn 2: answer from memory | full-context input | "
+        "full context: answer | full ÷ memory |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for length, n_ctx, t_write, n_q, t_memory, n_full, t_full, state_mb in rows:
         note = "" if n_full <= window else f" (beyond the {window}-token window: timing only)"
-        print(f"| {length} ({n_ctx} tokens) | {t_write:.2f} s | {state_mb:.1f} MB | {n_q} tokens | {t_memory:.2f} s | "
-              f"{n_full} tokens{note} | {t_full:.2f} s | {t_full / t_memory:.1f}× |")
+        print(
+            f"| {length} ({n_ctx} tokens) | {t_write:.2f} s | {state_mb:.1f} MB | {n_q} tokens | {t_memory:.2f} s | "
+            f"{n_full} tokens{note} | {t_full:.2f} s | {t_full / t_memory:.1f}× |"
+        )
     first, last = rows[0], rows[-1]
     growth = last[4] / first[4]
     print(f"\nanswer from memory at {last[0]} vs {first[0]}: {growth:.2f}× (target ≤ 1.2×: {'met' if growth <= 1.2 else 'NOT met'})")

@@ -84,8 +84,10 @@ def main(argv: list[str] | None = None) -> None:
             times["uncached"].append(step(uncached, items))
             times["cached"].append(step(cached, items, record=True))
     c, u = statistics.median(times["cached"]), statistics.median(times["uncached"])
-    print(f"threads {torch.get_num_threads()}, batch {batch_size} x {args.length} contexts, write layer "
-          f"{graft.memory.config.write_layer}, {repeats} alternating repeats")
+    print(
+        f"threads {torch.get_num_threads()}, batch {batch_size} x {args.length} contexts, write layer "
+        f"{graft.memory.config.write_layer}, {repeats} alternating repeats"
+    )
     print("| variant | median step s | all |")
     print("|---|---|---|")
     for name, values in times.items():

@@ -65,19 +65,19 @@ def build_graft(recipe: Recipe | str | Path, backbone: Backbone | None = None, c
         raise GraftkitError(f"build_graft: expected a Recipe or a recipe file path, got {type(recipe).__name__}")
     if backbone is None:
         backbone = load_backbone({"kind": recipe.backbone.kind, **recipe.backbone.options()})
-    return graft_from_configs(backbone, recipe.memory.kind, recipe.memory.options(), recipe.injector.kind,
-                              recipe.injector.options(), calibrate=calibrate)
+    return graft_from_configs(
+        backbone, recipe.memory.kind, recipe.memory.options(), recipe.injector.kind, recipe.injector.options(), calibrate=calibrate
+    )
 
 
-def graft_from_configs(backbone: Backbone, memory_kind: str, memory_options: Mapping, injector_kind: str, injector_options: Mapping,
-                       calibrate: bool = True) -> Graft:
+def graft_from_configs(
+    backbone: Backbone, memory_kind: str, memory_options: Mapping, injector_kind: str, injector_options: Mapping, calibrate: bool = True
+) -> Graft:
     """A Graft on a loaded backbone from memory/injector kinds and options (dim is the backbone's)."""
     memory_options = dict(memory_options)
     if memory_options.get("dim") not in (None, backbone.hidden_size):
         raise GraftkitError(f"memory.dim: {memory_options['dim']} does not match the backbone's hidden size {backbone.hidden_size}")
     memory_options["dim"] = backbone.hidden_size
     memory = create("memory", memory_kind, **memory_options)
-    injector = create(
-        "injector", injector_kind, hidden_size=backbone.hidden_size, num_layers=backbone.num_layers, **dict(injector_options)
-    )
+    injector = create("injector", injector_kind, hidden_size=backbone.hidden_size, num_layers=backbone.num_layers, **dict(injector_options))
     return Graft(backbone, memory, injector, calibrate=calibrate)

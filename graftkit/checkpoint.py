@@ -211,8 +211,7 @@ def load_graft_tensors(graft, checkpoint: Path) -> dict:
     try:
         missing, unexpected = graft.load_state_dict(tensors, strict=False)
     except RuntimeError as exc:  # shapes differ: another configuration
-        raise GraftkitError(f"{path}: does not fit this graft ({str(exc).splitlines()[-1].strip()}); "
-                            "was it trained with another recipe?") from None
+        raise GraftkitError(f"{path}: does not fit this graft ({str(exc).splitlines()[-1].strip()}); was it trained with another recipe?") from None
     if missing or unexpected:
         raise GraftkitError(
             f"{path}: does not fit this graft (missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}); "
@@ -239,8 +238,7 @@ def initial_tensors_file(path) -> Path:
                 return resolve_checkpoint(path, "best") / "graft.safetensors"
             except GraftkitError as exc:
                 raise GraftkitError(f"train.init_from: {exc}") from None
-        raise GraftkitError(f"train.init_from: {path} holds no graft tensors (no graft.safetensors, "
-                            "graft_model.safetensors or checkpoints/)")
+        raise GraftkitError(f"train.init_from: {path} holds no graft tensors (no graft.safetensors, graft_model.safetensors or checkpoints/)")
     raise GraftkitError(f"train.init_from: {path} does not exist")
 
 
@@ -257,12 +255,12 @@ def load_initial_tensors(graft, path) -> tuple[Path, list[str]]:
     own = graft.graft_state_dict()
     unknown = sorted(set(tensors) - set(own))
     if unknown:
-        raise GraftkitError(f"train.init_from: {file} holds tensors this graft does not have ({', '.join(unknown[:5])}); "
-                            "was it written for another recipe?")
+        raise GraftkitError(
+            f"train.init_from: {file} holds tensors this graft does not have ({', '.join(unknown[:5])}); was it written for another recipe?"
+        )
     wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in tensors.items() if v.shape != own[k].shape]
     if wrong:
-        raise GraftkitError(f"train.init_from: {file}: shapes differ from this graft's ({'; '.join(wrong[:3])}); "
-                            "was it written for another recipe?")
+        raise GraftkitError(f"train.init_from: {file}: shapes differ from this graft's ({'; '.join(wrong[:3])}); was it written for another recipe?")
     graft.load_state_dict(tensors, strict=False)
     return file, sorted(set(own) - set(tensors))
 

@@ -62,9 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a trained run (two-turn) on its tasks, with baselines and preservation")
     p.add_argument("run_dir")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="recipe settings changed for this evaluation only, e.g. data.eval_lengths=[1k,16k] or "
-                        "memory.write_floor=0.7 (the run's recipe.yaml is left as it is; results.json records them)")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="recipe settings changed for this evaluation only, e.g. data.eval_lengths=[1k,16k] or "
+        "memory.write_floor=0.7 (the run's recipe.yaml is left as it is; results.json records them)",
+    )
     p.add_argument("--lengths", help="comma-separated, e.g. 1k,4k: sets eval_lengths of every task that has lengths")
     p.add_argument("--n", type=int, default=200, help="test examples per bucket and general prompts (default 200)")
     p.add_argument("--checkpoint", default="best", help="best, last, or a step number")
@@ -90,8 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state", required=True, help="memory state file written by `graftkit memorize` or `chat`")
     p.add_argument("question", nargs="+")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--task", help="put the question into this trained task prompt (see the export's README); "
-                   "default: the question as it is")
+    p.add_argument("--task", help="put the question into this trained task prompt (see the export's README); default: the question as it is")
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("chat", help="interactive: statements are memorized, questions (ending in ?) answered")
@@ -125,10 +128,7 @@ def add_plugin_commands(sub) -> None:
 def cmd_validate(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     tasks = ", ".join(c.task for c in recipe.task_configs())
-    print(
-        f"{args.recipe}: ok (backbone {recipe.backbone.kind}, memory {recipe.memory.kind}, "
-        f"injector {recipe.injector.kind}, tasks {tasks})"
-    )
+    print(f"{args.recipe}: ok (backbone {recipe.backbone.kind}, memory {recipe.memory.kind}, injector {recipe.injector.kind}, tasks {tasks})")
     return 0
 
 
@@ -198,8 +198,9 @@ def cmd_memorize(args) -> int:
 
 def cmd_ask(args) -> int:
     if not Path(args.state).is_file():
-        raise GraftkitError(f"--state {args.state}: no such memory state file; write one first with "
-                            f"`graftkit memorize {args.export_dir} --state {args.state} FILE`")
+        raise GraftkitError(
+            f"--state {args.state}: no such memory state file; write one first with `graftkit memorize {args.export_dir} --state {args.state} FILE`"
+        )
     graft = load_graft(args.export_dir)
     state = load_state(graft, args.state)
     print(ask(graft, " ".join(args.question), state, task=args.task, max_new_tokens=args.max_new_tokens))
@@ -215,8 +216,10 @@ def cmd_chat(args) -> int:
     if hasattr(sys.stdin, "reconfigure"):  # undecodable bytes become a message for their line, not a crash
         sys.stdin.reconfigure(errors="surrogateescape")
     if tty:
-        print(f"memory {args.state}: {int(state.tokens_written[0])} tokens. Statements are memorized, lines ending "
-              "in '?' answered. /save, /reset, /quit")
+        print(
+            f"memory {args.state}: {int(state.tokens_written[0])} tokens. Statements are memorized, lines ending "
+            "in '?' answered. /save, /reset, /quit"
+        )
     number = 0
     try:
         while True:
@@ -242,8 +245,10 @@ def cmd_chat(args) -> int:
                     print(f"graftkit: error: line {number}: {exc}", file=sys.stderr)
                     continue
                 except (RuntimeError, ValueError, MemoryError) as exc:
-                    print(f"graftkit: error: line {number}: could not be processed ({type(exc).__name__}: {exc}); "
-                          "the memory is as it was before it", file=sys.stderr)
+                    print(
+                        f"graftkit: error: line {number}: could not be processed ({type(exc).__name__}: {exc}); the memory is as it was before it",
+                        file=sys.stderr,
+                    )
                     continue
                 if reply is not None:
                     print(reply)

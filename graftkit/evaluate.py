@@ -41,8 +41,16 @@ EVAL_SEED_OFFSET = 1
 
 
 @torch.no_grad()
-def graft_predictions(graft, task: Task, samples: Sequence, cache: HiddenCache | None, batch_size: int = 8, empty: bool = False,
-                      max_new_tokens: int = 8, progress: bool = False) -> list[dict]:
+def graft_predictions(
+    graft,
+    task: Task,
+    samples: Sequence,
+    cache: HiddenCache | None,
+    batch_size: int = 8,
+    empty: bool = False,
+    max_new_tokens: int = 8,
+    progress: bool = False,
+) -> list[dict]:
     """Two-turn answers: write each example's sessions, then answer its question from memory alone."""
     results = []
     for start in bar(range(0, len(samples), batch_size), desc="graft", disable=not progress, leave=False):
@@ -53,16 +61,16 @@ def graft_predictions(graft, task: Task, samples: Sequence, cache: HiddenCache |
             hidden, mask = cache.get(chunk) if cache is not None else _uncached(graft, chunk)
             state = graft.write_hidden(hidden, mask)
         batch = turn2_batch(graft.backbone, chunk, with_answers=False)
-        new = graft.generate(batch["input_ids"], state, batch["attention_mask"], max_new_tokens=max_new_tokens,
-                             prefix_ids=batch["prefix_ids"])
+        new = graft.generate(batch["input_ids"], state, batch["attention_mask"], max_new_tokens=max_new_tokens, prefix_ids=batch["prefix_ids"])
         outputs = graft.backbone.tokenizer.batch_decode(new, skip_special_tokens=True)
         results += [_scored(task, s, o) for s, o in zip(chunk, outputs)]
     return results
 
 
 @torch.no_grad()
-def backbone_predictions(backbone: Backbone, task: Task, samples: Sequence, full_context: bool, batch_size: int = 4,
-                         max_new_tokens: int = 32, progress: bool = False) -> list[dict] | None:
+def backbone_predictions(
+    backbone: Backbone, task: Task, samples: Sequence, full_context: bool, batch_size: int = 4, max_new_tokens: int = 32, progress: bool = False
+) -> list[dict] | None:
     """The bare backbone answering with the task's full-context prompt, or the question alone; None when a
     full-context prompt is longer than the backbone can read."""
     tok = backbone.tokenizer
@@ -74,14 +82,13 @@ def backbone_predictions(backbone: Backbone, task: Task, samples: Sequence, full
     if limit and max(map(len, prompts)) + max_new_tokens > limit:
         return None  # the backbone cannot read this much context at all
     results = []
-    for start in bar(range(0, len(samples), batch_size), desc="full context" if full_context else "question only",
-                     disable=not progress, leave=False):
+    for start in bar(range(0, len(samples), batch_size), desc="full context" if full_context else "question only", disable=not progress, leave=False):
         chunk = samples[start : start + batch_size]
         ids, mask = pad(prompts[start : start + batch_size], tok.pad_token_id, side="left", device=backbone.device)
         out = backbone.model.generate(  # type: ignore[operator]  # `model` is typed nn.Module
             input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
         )
-        outputs = tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+        outputs = tok.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
         results += [_scored(task, s, o) for s, o in zip(chunk, outputs)]
     return results
 
@@ -92,8 +99,14 @@ def _uncached(graft, samples):
 
 def _scored(task: Task, sample, output: str) -> dict:
     return {
-        "uid": sample.uid, "task": sample.info.get("task", task.name), "bucket": sample.bucket, "length": sample.length,
-        "question": sample.question, "target": sample.target, "output": output.strip(), "correct": bool(task.score(sample, output)),
+        "uid": sample.uid,
+        "task": sample.info.get("task", task.name),
+        "bucket": sample.bucket,
+        "length": sample.length,
+        "question": sample.question,
+        "target": sample.target,
+        "output": output.strip(),
+        "correct": bool(task.score(sample, output)),
         **({"kind": sample.info["kind"]} if "kind" in sample.info else {}),
     }
 
@@ -105,8 +118,7 @@ def accuracy_by_kind(predictions: Sequence[dict]) -> dict:
     for p in predictions:
         if "kind" in p:
             groups.setdefault(p["row"], {}).setdefault(p["kind"], []).append(p["correct"])
-    return {row: {kind: {"accuracy": float(np.mean(v)), "n": len(v)} for kind, v in sorted(kinds.items())}
-            for row, kinds in groups.items()}
+    return {row: {kind: {"accuracy": float(np.mean(v)), "n": len(v)} for kind, v in sorted(kinds.items())} for row, kinds in groups.items()}
 
 
 def chance(task: Task, samples: Sequence) -> float | None:
@@ -159,8 +171,15 @@ def evaluate(graft, recipe, n: int, rows: Sequence[str] = ROWS, progress: bool =
     if "preservation" in rows:
         preserved = preservation(graft, n=n, progress=progress)
         predictions += [{"row": "preservation", **p} for p in preserved.pop("answers")]
-    return {"n": n, "tasks": [t.describe() for t in tasks], "cells": cells, "table": table, "preservation": preserved,
-            "kinds": accuracy_by_kind(predictions), "predictions": predictions}
+    return {
+        "n": n,
+        "tasks": [t.describe() for t in tasks],
+        "cells": cells,
+        "table": table,
+        "preservation": preserved,
+        "kinds": accuracy_by_kind(predictions),
+        "predictions": predictions,
+    }
 
 
 def check_rows(rows: Sequence[str]) -> None:
@@ -170,8 +189,7 @@ def check_rows(rows: Sequence[str]) -> None:
         raise GraftkitError(f"--rows: unknown row(s) {', '.join(unknown)}; choose from {', '.join(ROWS)}")
 
 
-def evaluate_run(run_dir, n: int = 200, checkpoint: str = "best", rows=None, progress: bool = True, out=None,
-                 overrides=()) -> dict:
+def evaluate_run(run_dir, n: int = 200, checkpoint: str = "best", rows=None, progress: bool = True, out=None, overrides=()) -> dict:
     """Evaluate a training run directory and write results.{json,md}, chart.png and predictions.jsonl
     to `out` (default RUN_DIR/eval). `overrides` (`key=value`) change the run's recipe for this
     evaluation only, e.g. `data.eval_lengths=[16k]` or a memory's `write_floor`; settings that change the
@@ -218,8 +236,12 @@ def markdown_table(result: dict) -> str:
         values = [("n/a" if cells.get(k) is None else f"{cells[k]:.1%}") for k in keys]
         lines.append(f"| {ROW_TITLES[row]} | " + " | ".join(values) + " |")
     for row, kinds in (result.get("kinds") or {}).items():
-        lines += ["", f"| {ROW_TITLES[row]}, by kind of question | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds),
-                  "| accuracy (questions) | " + " | ".join(f"{k['accuracy']:.1%} ({k['n']})" for k in kinds.values()) + " |"]
+        lines += [
+            "",
+            f"| {ROW_TITLES[row]}, by kind of question | " + " | ".join(kinds) + " |",
+            "|---|" + "---|" * len(kinds),
+            "| accuracy (questions) | " + " | ".join(f"{k['accuracy']:.1%} ({k['n']})" for k in kinds.values()) + " |",
+        ]
     kept = result.get("preservation")
     if kept:
         lines += ["", preservation_table(kept)]

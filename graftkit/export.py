@@ -53,8 +53,11 @@ CONFIG_FILE = "graft_config.json"
 TENSORS_FILE = "graft_model.safetensors"
 README_FILE = "README.md"
 EXPORT_FILES = (CONFIG_FILE, TENSORS_FILE, README_FILE)
-FILE_CONTENTS = {CONFIG_FILE: "configuration and provenance", TENSORS_FILE: "graft tensors (safetensors, no pickle)",
-                 README_FILE: "this card"}  #: what each file holds, for the model card
+FILE_CONTENTS = {
+    CONFIG_FILE: "configuration and provenance",
+    TENSORS_FILE: "graft tensors (safetensors, no pickle)",
+    README_FILE: "this card",
+}  #: what each file holds, for the model card
 TENSORS_FORMAT = "graftkit.graft_tensors/1"
 COMPONENTS = ("backbone", "memory", "injector")
 
@@ -182,8 +185,7 @@ def export_graft(
         "memory": {"kind": graft.memory.name, "config": graft.memory.config.model_dump(mode="json")},
         "injector": {"kind": graft.injector.name, "config": graft.injector.config.model_dump(mode="json")},
         "tasks": [t.model_dump(mode="json") for t in tasks or []],
-        "prompts": {name: {"instruction": p.instruction, "template": p.template}
-                    for t in tasks or [] for name, p in build_task(t).prompts().items()},
+        "prompts": {name: {"instruction": p.instruction, "template": p.template} for t in tasks or [] for name, p in build_task(t).prompts().items()},
         "checkpoint": dict(checkpoint or {}),
         "identity": graft.identity(),
         "files": {},
@@ -205,8 +207,7 @@ def export_graft(
         _readable(tmp / TENSORS_FILE)
         config["files"][TENSORS_FILE] = _file_record(tmp / TENSORS_FILE)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n", encoding="utf-8")
-        card = model_card(config, tensors, recipe_yaml=recipe_yaml, evaluation=evaluation, source=source, out=out,
-                          files=FILE_CONTENTS)
+        card = model_card(config, tensors, recipe_yaml=recipe_yaml, evaluation=evaluation, source=source, out=out, files=FILE_CONTENTS)
         (tmp / README_FILE).write_text(card, encoding="utf-8")
         _replace_dir(tmp, out)
     finally:
@@ -361,17 +362,19 @@ def load_graft(directory, backbone: Backbone | None = None) -> Graft:
     for kind in COMPONENTS:
         classes[kind] = _component_class(plugins, kind, config[kind]["kind"], config["plugins"][kind])
     # an export records every option: one that lacks an option predates it and was made with its former default
-    options = {kind: with_former_defaults(classes[kind].Config,
-                                          _known_options(classes[kind], config[kind]["config"], f"{kind}.config", path))
-               for kind in COMPONENTS}
+    options = {
+        kind: with_former_defaults(classes[kind].Config, _known_options(classes[kind], config[kind]["config"], f"{kind}.config", path))
+        for kind in COMPONENTS
+    }
     tensors = _read_tensors(directory / TENSORS_FILE, config["files"].get(TENSORS_FILE))
     if backbone is None:
         backbone = load_backbone({"kind": config["backbone"]["kind"], **options["backbone"]})
     check_backbone(config["backbone_manifest"], backbone, directory)
     memory_options = {k: v for k, v in options["memory"].items() if k != "dim"}
     try:
-        graft = graft_from_configs(backbone, config["memory"]["kind"], memory_options, config["injector"]["kind"], options["injector"],
-                                   calibrate=False)  # the tensor file holds the statistics
+        graft = graft_from_configs(
+            backbone, config["memory"]["kind"], memory_options, config["injector"]["kind"], options["injector"], calibrate=False
+        )  # the tensor file holds the statistics
     except GraftkitError as exc:
         raise ExportError(f"{path}: the recorded memory or injector configuration does not build here: {exc}") from None
     try:
@@ -407,8 +410,11 @@ def _component_class(plugins, kind: str, name: str, record: Mapping[str, str]):
     dist, version = record["distribution"], record["version"]
     if dist == "graftkit":
         here = _version("graftkit")
-        hint = (f"this graftkit ({here}) has no {kind} {name!r}; the export names one of its own that does not exist"
-                if here == version else f"pip install --upgrade 'graftkit>={version}'")
+        hint = (
+            f"this graftkit ({here}) has no {kind} {name!r}; the export names one of its own that does not exist"
+            if here == version
+            else f"pip install --upgrade 'graftkit>={version}'"
+        )
     elif dist == "(registered in code)":
         hint = "it was registered in code with Plugins.add(); register the same plugin before loading"
     else:

@@ -220,8 +220,12 @@ class Graft(nn.Module):
             cache, full_mask, pos = self._layout(prefix_kv, mask)
             keep = 0 if labels is None else _positions_to_score(labels)
             out = self.backbone.model(
-                inputs_embeds=embeds, attention_mask=full_mask, position_ids=pos, **cache_kwargs(cache),
-                use_cache=cache is not None, logits_to_keep=keep,
+                inputs_embeds=embeds,
+                attention_mask=full_mask,
+                position_ids=pos,
+                **cache_kwargs(cache),
+                use_cache=cache is not None,
+                logits_to_keep=keep,
             )
         setattr(out, cache_name(), None)
         if labels is None:
@@ -234,8 +238,13 @@ class Graft(nn.Module):
 
     @torch.no_grad()
     def generate(
-        self, input_ids: torch.Tensor, state: MemoryState, attention_mask=None, max_new_tokens: int = 16,
-        use_cache: bool = True, prefix_ids=None,
+        self,
+        input_ids: torch.Tensor,
+        state: MemoryState,
+        attention_mask=None,
+        max_new_tokens: int = 16,
+        use_cache: bool = True,
+        prefix_ids=None,
     ) -> torch.Tensor:
         """Greedy decoding (b n) -> new tokens (b t), padded with pad_token_id after end of sequence."""
         model, tok = self.backbone.model, self.backbone.tokenizer
@@ -244,8 +253,7 @@ class Graft(nn.Module):
         with self.injector.reading(self.memory, state):
             embeds, mask, _ = self._inputs(input_ids, attention_mask, state)
             cache, full_mask, pos = self._layout(prefix_kv, mask)
-            out = model(inputs_embeds=embeds, attention_mask=full_mask, position_ids=pos, **cache_kwargs(cache),
-                        use_cache=True, logits_to_keep=1)
+            out = model(inputs_embeds=embeds, attention_mask=full_mask, position_ids=pos, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
             new, done = [], torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
             for _ in range(max_new_tokens):
                 token = out.logits[:, -1].argmax(-1)
@@ -258,13 +266,20 @@ class Graft(nn.Module):
                 if use_cache:
                     full_mask = torch.cat([full_mask, torch.ones_like(mask[:, :1])], dim=1)
                     pos = pos[:, -1:] + 1
-                    out = model(input_ids=token[:, None], attention_mask=full_mask, position_ids=pos,
-                                **cache_kwargs(output_cache(out)), use_cache=True)
+                    out = model(
+                        input_ids=token[:, None], attention_mask=full_mask, position_ids=pos, **cache_kwargs(output_cache(out)), use_cache=True
+                    )
                 else:  # recompute everything after the shared prefix (a reference for the cached path)
                     embeds = torch.cat([embeds, self.backbone.embedding(token[:, None])], dim=1)
                     cache, full_mask, pos = self._layout(prefix_kv, mask)
-                    out = model(inputs_embeds=embeds, attention_mask=full_mask, position_ids=pos, **cache_kwargs(cache),
-                                use_cache=cache is not None, logits_to_keep=1)
+                    out = model(
+                        inputs_embeds=embeds,
+                        attention_mask=full_mask,
+                        position_ids=pos,
+                        **cache_kwargs(cache),
+                        use_cache=cache is not None,
+                        logits_to_keep=1,
+                    )
         return torch.stack(new, dim=1)
 
     def answer(self, questions: str | Sequence[str], state: MemoryState, max_new_tokens: int = 16, instruction: str = "") -> list[str]:

@@ -147,9 +147,7 @@ def check_layer(layer: int, num_layers: int, where: str) -> int:
     """A decoder-layer index (0-based, negative counts from the end) checked against the backbone's
     `num_layers`, as an index from 0; `where` names the recipe field in the message."""
     if not -num_layers <= layer < num_layers:
-        raise GraftkitError(
-            f"{where}: layer {layer} is outside 0..{num_layers - 1} (this backbone has {num_layers} decoder layers)"
-        )
+        raise GraftkitError(f"{where}: layer {layer} is outside 0..{num_layers - 1} (this backbone has {num_layers} decoder layers)")
     return layer % num_layers
 
 

@@ -23,15 +23,9 @@ from graftkit.state import WRITTEN, MemoryState, config_hash
 class MemoryConfig(Config):
     """Fields every memory has; a memory's own `Config` subclasses this."""
 
-    dim: int | None = Field(
-        None, gt=0, description="Width of written and read vectors; a graft fills it from the backbone's hidden size."
-    )
-    write_layer: int = Field(
-        0, ge=0, description="Backbone hidden state that is written: 0 = embeddings, i = output of decoder layer i."
-    )
-    segment_tokens: int = Field(
-        1024, gt=0, description="Turn-1 text runs through the backbone in independent segments of this many tokens."
-    )
+    dim: int | None = Field(None, gt=0, description="Width of written and read vectors; a graft fills it from the backbone's hidden size.")
+    write_layer: int = Field(0, ge=0, description="Backbone hidden state that is written: 0 = embeddings, i = output of decoder layer i.")
+    segment_tokens: int = Field(1024, gt=0, description="Turn-1 text runs through the backbone in independent segments of this many tokens.")
     standardize: bool = Field(
         True,
         description="In a graft, standardise written hidden states per channel (mean and standard deviation of "

@@ -11,8 +11,15 @@ from graftkit.plugins import get_plugins
 from graftkit.task import Task
 
 
-def model_card(config: dict, tensors: Mapping[str, torch.Tensor], recipe_yaml: str | None, evaluation: str | None,
-               source: str | None, out: Path, files: Mapping[str, str]) -> str:
+def model_card(
+    config: dict,
+    tensors: Mapping[str, torch.Tensor],
+    recipe_yaml: str | None,
+    evaluation: str | None,
+    source: str | None,
+    out: Path,
+    files: Mapping[str, str],
+) -> str:
     """The card's markdown; `files` names each file of the export and what it holds."""
     manifest, plugins = config["backbone_manifest"], config["plugins"]
     mem, inj = config["memory"], config["injector"]
@@ -24,8 +31,7 @@ def model_card(config: dict, tensors: Mapping[str, torch.Tensor], recipe_yaml: s
     name = out.name
     standardised = " (standardised per channel)" if mem["config"].get("standardize", True) else ""
     ask = f'ask(graft, "{question}", state)'
-    ask_in_prompt = (f'ask(graft, "{question}", state, task="{prompts[0]}")  # in a prompt it was trained with'
-                     if prompts else None)
+    ask_in_prompt = f'ask(graft, "{question}", state, task="{prompts[0]}")  # in a prompt it was trained with' if prompts else None
     lines = [
         f"# graftkit graft: {mem['kind']} memory + {inj['kind']} injector on {manifest['family']} ({manifest['source']})",
         "",
@@ -71,9 +77,7 @@ def model_card(config: dict, tensors: Mapping[str, torch.Tensor], recipe_yaml: s
         f"graftkit chat {name} --state alice.safetensors",
         "```",
         "",
-        "Loading needs the plugins that provide the components: "
-        + ", ".join(sorted({f"`{p['distribution']}`" for p in plugins.values()}))
-        + ".",
+        "Loading needs the plugins that provide the components: " + ", ".join(sorted({f"`{p['distribution']}`" for p in plugins.values()})) + ".",
         "",
         "## Recipe",
         "",

@@ -22,8 +22,7 @@ from graftkit.registry import KINDS, Registry
 BUILTINS = ("graftkit.backbones", "graftkit.memories", "graftkit.injectors", "graftkit.tasks")
 AUTOLOAD_ENV = "GRAFTKIT_NO_PLUGIN_AUTOLOAD"
 DISABLE_ENV = "GRAFTKIT_DISABLE_PLUGINS"
-HOOKS = {"backbone": "register_backbones", "memory": "register_memories", "injector": "register_injectors",
-         "task": "register_tasks"}
+HOOKS = {"backbone": "register_backbones", "memory": "register_memories", "injector": "register_injectors", "task": "register_tasks"}
 
 
 class PluginWarning(UserWarning):
@@ -107,8 +106,7 @@ class Plugins:
                 self.add(plugin, ep.name, PluginInfo(ep.name, dist, ep.dist.version if ep.dist else ""))
             except Exception as exc:  # a broken third-party plugin must not take graftkit down
                 warnings.warn(
-                    f"graftkit plugin {ep.name!r} from distribution {dist!r} failed to load and is skipped: "
-                    f"{type(exc).__name__}: {exc}",
+                    f"graftkit plugin {ep.name!r} from distribution {dist!r} failed to load and is skipped: {type(exc).__name__}: {exc}",
                     PluginWarning,
                     stacklevel=2,
                 )

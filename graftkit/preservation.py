@@ -24,31 +24,119 @@ from graftkit.progress import bar
 from graftkit.state import MemoryState
 
 _COUNTRIES = {
-    "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Portugal": "Lisbon", "Japan": "Tokyo",
-    "China": "Beijing", "India": "New Delhi", "Egypt": "Cairo", "Kenya": "Nairobi", "Canada": "Ottawa",
-    "Mexico": "Mexico City", "Brazil": "Brasilia", "Argentina": "Buenos Aires", "Peru": "Lima", "Chile": "Santiago",
-    "Australia": "Canberra", "Russia": "Moscow", "Poland": "Warsaw", "Greece": "Athens", "Turkey": "Ankara",
-    "Sweden": "Stockholm", "Norway": "Oslo", "Finland": "Helsinki", "Denmark": "Copenhagen", "Ireland": "Dublin",
-    "Austria": "Vienna", "Hungary": "Budapest", "Thailand": "Bangkok", "Vietnam": "Hanoi", "Cuba": "Havana",
-    "Iran": "Tehran", "Iraq": "Baghdad", "Nigeria": "Abuja", "Morocco": "Rabat", "Belgium": "Brussels",
-    "Netherlands": "Amsterdam", "Switzerland": "Bern", "Ukraine": "Kyiv", "South Korea": "Seoul",
+    "France": "Paris",
+    "Germany": "Berlin",
+    "Italy": "Rome",
+    "Spain": "Madrid",
+    "Portugal": "Lisbon",
+    "Japan": "Tokyo",
+    "China": "Beijing",
+    "India": "New Delhi",
+    "Egypt": "Cairo",
+    "Kenya": "Nairobi",
+    "Canada": "Ottawa",
+    "Mexico": "Mexico City",
+    "Brazil": "Brasilia",
+    "Argentina": "Buenos Aires",
+    "Peru": "Lima",
+    "Chile": "Santiago",
+    "Australia": "Canberra",
+    "Russia": "Moscow",
+    "Poland": "Warsaw",
+    "Greece": "Athens",
+    "Turkey": "Ankara",
+    "Sweden": "Stockholm",
+    "Norway": "Oslo",
+    "Finland": "Helsinki",
+    "Denmark": "Copenhagen",
+    "Ireland": "Dublin",
+    "Austria": "Vienna",
+    "Hungary": "Budapest",
+    "Thailand": "Bangkok",
+    "Vietnam": "Hanoi",
+    "Cuba": "Havana",
+    "Iran": "Tehran",
+    "Iraq": "Baghdad",
+    "Nigeria": "Abuja",
+    "Morocco": "Rabat",
+    "Belgium": "Brussels",
+    "Netherlands": "Amsterdam",
+    "Switzerland": "Bern",
+    "Ukraine": "Kyiv",
+    "South Korea": "Seoul",
 }
 _FACTS = [
-    "How many days are there in a week?", "How many legs does a spider have?", "What colour is the sky on a clear day?",
-    "What do bees make?", "What is the largest planet in the solar system?", "What is the boiling point of water in Celsius?",
-    "Who wrote Romeo and Juliet?", "What gas do plants take in from the air?", "How many continents are there?",
-    "What is the chemical symbol for gold?", "What is the opposite of cold?", "How many hours are in a day?",
-    "What is the freezing point of water in Fahrenheit?", "What animal is known as the king of the jungle?",
-    "Which ocean is the largest?", "What is the tallest mountain on Earth?", "How many sides does a triangle have?",
-    "What language is spoken in Brazil?", "What is the currency of Japan?", "Which planet is called the red planet?",
-    "What do caterpillars turn into?", "How many minutes are in an hour?", "What is H2O?", "Who painted the Mona Lisa?",
-    "What is the square root of 81?", "What is the first month of the year?", "How many strings does a violin have?",
-    "What is the main ingredient of guacamole?", "Which organ pumps blood through the body?", "What is the longest river in Africa?",
+    "How many days are there in a week?",
+    "How many legs does a spider have?",
+    "What colour is the sky on a clear day?",
+    "What do bees make?",
+    "What is the largest planet in the solar system?",
+    "What is the boiling point of water in Celsius?",
+    "Who wrote Romeo and Juliet?",
+    "What gas do plants take in from the air?",
+    "How many continents are there?",
+    "What is the chemical symbol for gold?",
+    "What is the opposite of cold?",
+    "How many hours are in a day?",
+    "What is the freezing point of water in Fahrenheit?",
+    "What animal is known as the king of the jungle?",
+    "Which ocean is the largest?",
+    "What is the tallest mountain on Earth?",
+    "How many sides does a triangle have?",
+    "What language is spoken in Brazil?",
+    "What is the currency of Japan?",
+    "Which planet is called the red planet?",
+    "What do caterpillars turn into?",
+    "How many minutes are in an hour?",
+    "What is H2O?",
+    "Who painted the Mona Lisa?",
+    "What is the square root of 81?",
+    "What is the first month of the year?",
+    "How many strings does a violin have?",
+    "What is the main ingredient of guacamole?",
+    "Which organ pumps blood through the body?",
+    "What is the longest river in Africa?",
 ]
-_WORDS = ["happy", "big", "fast", "bright", "quiet", "strong", "ancient", "careful", "empty", "gentle", "honest", "narrow",
-          "rich", "simple", "warm", "young", "brave", "clean", "dark", "early"]
-_TOPICS = ["the sea", "autumn", "a train journey", "coffee", "mountains", "a library", "the moon", "friendship",
-           "a rainy day", "bicycles", "music", "a garden", "winter", "the city at night", "cats", "bread"]
+_WORDS = [
+    "happy",
+    "big",
+    "fast",
+    "bright",
+    "quiet",
+    "strong",
+    "ancient",
+    "careful",
+    "empty",
+    "gentle",
+    "honest",
+    "narrow",
+    "rich",
+    "simple",
+    "warm",
+    "young",
+    "brave",
+    "clean",
+    "dark",
+    "early",
+]
+_TOPICS = [
+    "the sea",
+    "autumn",
+    "a train journey",
+    "coffee",
+    "mountains",
+    "a library",
+    "the moon",
+    "friendship",
+    "a rainy day",
+    "bicycles",
+    "music",
+    "a garden",
+    "winter",
+    "the city at night",
+    "cats",
+    "bread",
+]
 
 
 def general_prompts() -> list[str]:
@@ -74,15 +162,41 @@ def _openings(n: int, shift: int = 0) -> list[str]:
 
 
 _TRAIN_QUESTIONS = [
-    "What is the opposite of day?", "How many wheels does a bicycle have?", "What do cows drink?", "Name a primary colour.",
-    "What season comes after spring?", "What is frozen water called?", "How many months are in a year?",
-    "What is the capital of Scotland?", "Which animal barks?", "What shape has four equal sides?", "What do we breathe?",
-    "Name a fruit that is yellow.", "How many seconds are in a minute?", "What instrument has black and white keys?",
-    "What is the plural of mouse?", "Which planet do we live on?", "What do you call a baby cat?",
-    "What is the largest ocean on Earth?", "How many players are in a football team?", "What tool do you use to cut paper?",
+    "What is the opposite of day?",
+    "How many wheels does a bicycle have?",
+    "What do cows drink?",
+    "Name a primary colour.",
+    "What season comes after spring?",
+    "What is frozen water called?",
+    "How many months are in a year?",
+    "What is the capital of Scotland?",
+    "Which animal barks?",
+    "What shape has four equal sides?",
+    "What do we breathe?",
+    "Name a fruit that is yellow.",
+    "How many seconds are in a minute?",
+    "What instrument has black and white keys?",
+    "What is the plural of mouse?",
+    "Which planet do we live on?",
+    "What do you call a baby cat?",
+    "What is the largest ocean on Earth?",
+    "How many players are in a football team?",
+    "What tool do you use to cut paper?",
 ]
-_TRAIN_TOPICS = ["rivers", "a quiet village", "snow", "breakfast", "old maps", "lighthouses", "tea", "the desert", "a market",
-                 "summer evenings", "forests", "a letter from a friend"]
+_TRAIN_TOPICS = [
+    "rivers",
+    "a quiet village",
+    "snow",
+    "breakfast",
+    "old maps",
+    "lighthouses",
+    "tea",
+    "the desert",
+    "a market",
+    "summer evenings",
+    "forests",
+    "a letter from a friend",
+]
 
 
 def training_prompts() -> list[str]:
@@ -104,8 +218,7 @@ def training_passages(n: int = 48, words: int = 45) -> list[str]:
     """Passages of the vendored training books, spread over them, for `train.preserve_weight` (the preservation
     row scores the test book's)."""
     books = load_books("train")
-    return [_passage(book.sentences, (k + 1) * len(book.sentences) // (n // len(books) + 1), words)
-            for book in books for k in range(n // len(books))]
+    return [_passage(book.sentences, (k + 1) * len(book.sentences) // (n // len(books) + 1), words) for book in books for k in range(n // len(books))]
 
 
 def _passage(sentences, start: int, words: int) -> str:
@@ -132,8 +245,9 @@ def held_out_passages(n: int = 8, words: int = 90) -> list[str]:
 
 
 @torch.no_grad()
-def preservation(graft, n: int = 250, max_new_tokens: int = 16, batch_size: int = 8, state: MemoryState | None = None,
-                 progress: bool = False) -> dict:
+def preservation(
+    graft, n: int = 250, max_new_tokens: int = 16, batch_size: int = 8, state: MemoryState | None = None, progress: bool = False
+) -> dict:
     """Agreement of greedy answers and the next-token loss ratio, grafted (memory holding `state`, by default
     `unrelated_text()` written) against the bare backbone. Returns {"agreement", "loss_graft", "loss_backbone",
     "loss_change", "n", "answers": [per-prompt dicts]}."""
@@ -147,9 +261,10 @@ def preservation(graft, n: int = 250, max_new_tokens: int = 16, batch_size: int 
         rows = MemoryState.stack([state] * len(chunk))
         grafted = graft.answer(chunk, rows, max_new_tokens=max_new_tokens)
         ids, mask = pad([backbone.chat_ids(p) for p in chunk], tok.pad_token_id, side="left", device=backbone.device)
-        out = backbone.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                                      pad_token_id=tok.pad_token_id)
-        bare = [t.strip() for t in tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)]
+        out = backbone.model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
+        )
+        bare = [t.strip() for t in tok.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)]
         answers += [{"question": p, "target": b, "output": g, "correct": g == b} for p, g, b in zip(chunk, grafted, bare)]
     losses: dict[str, list[float]] = {"graft": [], "backbone": []}
     for text in held_out_passages():
@@ -157,16 +272,24 @@ def preservation(graft, n: int = 250, max_new_tokens: int = 16, batch_size: int 
         losses["graft"].append(graft(ids, state, labels=ids).loss.item())
         losses["backbone"].append(backbone.model(input_ids=ids, labels=ids).loss.item())
     graft_loss, bare_loss = float(np.mean(losses["graft"])), float(np.mean(losses["backbone"]))
-    return {"n": len(answers), "agreement": float(np.mean([a["correct"] for a in answers])), "loss_graft": graft_loss,
-            "loss_backbone": bare_loss, "loss_change": graft_loss / bare_loss - 1, "answers": answers}
+    return {
+        "n": len(answers),
+        "agreement": float(np.mean([a["correct"] for a in answers])),
+        "loss_graft": graft_loss,
+        "loss_backbone": bare_loss,
+        "loss_change": graft_loss / bare_loss - 1,
+        "answers": answers,
+    }
 
 
 def preservation_table(kept: dict) -> str:
     """The preservation figures as a markdown table."""
-    return "\n".join([
-        f"| preservation (unrelated text in memory), n = {kept['n']} | |",
-        "|---|---|",
-        f"| greedy answers equal to the bare backbone's | {kept['agreement']:.1%} |",
-        f"| next-token loss on held-out text, graft / backbone | {kept['loss_graft']:.3f} / {kept['loss_backbone']:.3f} "
-        f"({kept['loss_change']:+.1%}) |",
-    ])
+    return "\n".join(
+        [
+            f"| preservation (unrelated text in memory), n = {kept['n']} | |",
+            "|---|---|",
+            f"| greedy answers equal to the bare backbone's | {kept['agreement']:.1%} |",
+            f"| next-token loss on held-out text, graft / backbone | {kept['loss_graft']:.3f} / {kept['loss_backbone']:.3f} "
+            f"({kept['loss_change']:+.1%}) |",
+        ]
+    )

@@ -200,8 +200,10 @@ def recall_stage(graft, cache, head: RecallHead, train_buckets: dict, eval_bucke
     with torch.no_grad():
         for key, bucket in eval_buckets.items():
             seen = [s for s in bucket if s.target in head.answers]
-            right = sum((logprobs(seen[i : i + cfg.batch_size]).argmax(-1)
-                         == head.targets(seen[i : i + cfg.batch_size])).sum().item() for i in range(0, len(seen), cfg.batch_size))
+            right = sum(
+                (logprobs(seen[i : i + cfg.batch_size]).argmax(-1) == head.targets(seen[i : i + cfg.batch_size])).sum().item()
+                for i in range(0, len(seen), cfg.batch_size)
+            )
             scores[key] = right / max(1, len(bucket))
     graft.injector.reads = None
     return scores

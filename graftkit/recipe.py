@@ -210,8 +210,7 @@ def load_recipe(path: str | Path, overrides: Iterable[str] = (), training: bool 
     return validate_recipe(raw, overrides, source=str(path), training=training, saved=saved)
 
 
-def validate_recipe(raw: dict, overrides: Iterable[str] = (), source: str | None = None, training: bool = True,
-                    saved: bool = False) -> Recipe:
+def validate_recipe(raw: dict, overrides: Iterable[str] = (), source: str | None = None, training: bool = True, saved: bool = False) -> Recipe:
     """A Recipe from a raw mapping (after `overrides`), every component and task block checked against its Config;
     `saved`: a run's own recipe.yaml (see `saved_recipe`)."""
     problems: list[tuple[str, str]] = []
@@ -321,31 +320,48 @@ def _cross_checks(recipe: Recipe, injector_config: BaseModel, task_configs: list
     tasks = get_plugins().registries["task"]
     injector = get_plugins().registries["injector"].get(recipe.injector.kind)
     problems = []
-    for field, value in (("read_loss", recipe.train.read_loss), ("recall_steps", recipe.train.recall_steps),
-                         ("recall_weight", recipe.train.recall_weight)):
+    for field, value in (
+        ("read_loss", recipe.train.read_loss),
+        ("recall_steps", recipe.train.recall_steps),
+        ("recall_weight", recipe.train.recall_weight),
+    ):
         if value > 0 and not reads_each_position(injector, injector_config):
-            problems.append((
-                f"train.{field}",
-                f"needs an injector that reads the memory at every position; {recipe.injector.kind!r} as configured "
-                f"does not (set injector.direct_read: true, or train.{field}: 0)",
-            ))
+            problems.append(
+                (
+                    f"train.{field}",
+                    f"needs an injector that reads the memory at every position; {recipe.injector.kind!r} as configured "
+                    f"does not (set injector.direct_read: true, or train.{field}: 0)",
+                )
+            )
     for field in ("write_cost", "background_cost"):
         if getattr(recipe.train, field) > 0 and not writes_with_strengths(get_plugins().registries["memory"].get(recipe.memory.kind)):
-            problems.append((f"train.{field}", f"memory {recipe.memory.kind!r} has no per-token write strengths to put a "
-                             f"cost on (linear and titans have; set train.{field}: 0)"))
-    for field, need, what in (("recall_steps", "closed_answers", "answers from a closed set to classify reads into"),
-                              ("recall_weight", "closed_answers", "answers from a closed set to classify reads into"),
-                              ("background_cost", "marks_facts", "a way to tell fact tokens from background")):
+            problems.append(
+                (
+                    f"train.{field}",
+                    f"memory {recipe.memory.kind!r} has no per-token write strengths to put a cost on (linear and titans have; set train.{field}: 0)",
+                )
+            )
+    for field, need, what in (
+        ("recall_steps", "closed_answers", "answers from a closed set to classify reads into"),
+        ("recall_weight", "closed_answers", "answers from a closed set to classify reads into"),
+        ("background_cost", "marks_facts", "a way to tell fact tokens from background"),
+    ):
         lacking = [c.task for c in task_configs if not getattr(tasks.get(c.task), need, False)]
         if getattr(recipe.train, field) > 0 and lacking:
-            problems.append((f"train.{field}", f"needs tasks with {what}; task {lacking[0]!r} has none "
-                             f"(set train.{field}: 0, or train only on tasks that have)"))
+            problems.append(
+                (f"train.{field}", f"needs tasks with {what}; task {lacking[0]!r} has none (set train.{field}: 0, or train only on tasks that have)")
+            )
     problems += _layer_problems(recipe, injector_config)
     varied = [c.task for c in task_configs if getattr(c, "train_vocabulary", "babi") == "varied"]
     for field in ("recall_steps", "recall_weight"):
         if getattr(recipe.train, field) > 0 and varied:
-            problems.append((f"train.{field}", f"classifies into bAbI's answers, but task {varied[0]!r} retells training "
-                             "stories in other words (train_vocabulary: varied); set one of them off"))
+            problems.append(
+                (
+                    f"train.{field}",
+                    f"classifies into bAbI's answers, but task {varied[0]!r} retells training "
+                    "stories in other words (train_vocabulary: varied); set one of them off",
+                )
+            )
     lengths = {_label(n) for c in task_configs for n in getattr(c, "train_lengths", [])}
     unknown = sorted(set(map(_label, recipe.train.recall_lengths)) - lengths)
     if unknown:

@@ -115,7 +115,12 @@ def field_lines(model: type[BaseModel], skip: type[BaseModel] | None = None, omi
 
 def same_field(a: FieldInfo, b: FieldInfo) -> bool:
     return (a.annotation, a.description, repr(a.default), a.default_factory, repr(a.metadata)) == (
-        b.annotation, b.description, repr(b.default), b.default_factory, repr(b.metadata))
+        b.annotation,
+        b.description,
+        repr(b.default),
+        b.default_factory,
+        repr(b.metadata),
+    )
 
 
 def type_text(info: FieldInfo) -> str:

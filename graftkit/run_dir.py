@@ -31,8 +31,7 @@ def check_foreign(run_dir: Path) -> None:
     entries = sorted(p.name for p in run_dir.iterdir())
     if entries and not is_run(run_dir):
         shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
-        raise GraftkitError(f"output_dir: {run_dir} holds files that are not a graftkit run ({shown}); "
-                            "choose a new or empty folder")
+        raise GraftkitError(f"output_dir: {run_dir} holds files that are not a graftkit run ({shown}); choose a new or empty folder")
 
 
 @contextlib.contextmanager

@@ -50,8 +50,7 @@ def save_state(graft, state: MemoryState, path: str | os.PathLike) -> Path:
         got = state.metadata.get(key)
         if got is not None and got != identity[key]:
             raise StateError(
-                f"{path}: refusing to save a state of another {key.replace('_', ' ')} ({got!r}) as one of this graft "
-                f"({identity[key]!r})"
+                f"{path}: refusing to save a state of another {key.replace('_', ' ')} ({got!r}) as one of this graft ({identity[key]!r})"
             )
     return MemoryState(state.tensors, {**state.metadata, **identity}).save(path)
 
@@ -137,8 +136,10 @@ def ask(graft, question: str, state: MemoryState, task=None, max_new_tokens: int
     if max_new_tokens <= 0:
         raise GraftkitError(f"max_new_tokens: must be at least 1, got {max_new_tokens}")
     if len(question) > MAX_QUESTION_CHARS:
-        raise GraftkitError(f"the question is {len(question)} characters long; a question may have at most "
-                            f"{MAX_QUESTION_CHARS} (memorize long text, then ask about it)")
+        raise GraftkitError(
+            f"the question is {len(question)} characters long; a question may have at most "
+            f"{MAX_QUESTION_CHARS} (memorize long text, then ask about it)"
+        )
     if task is None:
         return graft.answer(question, state, max_new_tokens=max_new_tokens)[0]
     prompt = task if hasattr(task, "parts") else task_prompts(graft).get(task)

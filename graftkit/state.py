@@ -82,10 +82,7 @@ class MemoryState:
 
     def to(self, device=None, dtype=None) -> MemoryState:
         """Move to a device; `dtype` applies to floating tensors only (counters stay integers)."""
-        moved = {
-            k: v.to(device=device, dtype=dtype if v.is_floating_point() else None)
-            for k, v in self.tensors.items()
-        }
+        moved = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None) for k, v in self.tensors.items()}
         return MemoryState(moved, self.metadata)
 
     def select(self, rows: int | Iterable[int] | torch.Tensor) -> MemoryState:
@@ -136,10 +133,7 @@ class MemoryState:
         for key, want in (expect or {}).items():
             got = metadata.get(key)
             if got != want:
-                raise StateError(
-                    f"{path}: this state was saved by another {key.replace('_', ' ')} "
-                    f"({got!r}); this one is {want!r}"
-                )
+                raise StateError(f"{path}: this state was saved by another {key.replace('_', ' ')} ({got!r}); this one is {want!r}")
         return cls(tensors, metadata)
 
 

@@ -129,8 +129,10 @@ def check_resumable(run_dir: Path, resolved: dict) -> None:
     changed = [key for key in sorted(set(was) | set(now)) if was.get(key) != now.get(key) and key not in RESUMABLE]
     if changed:
         shown = "; ".join(f"{k}: {was.get(k)!r} in the run, {now.get(k)!r} now" for k in changed[:4])
-        raise GraftkitError(f"--resume: the recipe differs from the run's own ({shown}); a resumed run may change only "
-                            f"{', '.join(sorted(RESUMABLE))} (resume with {path})")
+        raise GraftkitError(
+            f"--resume: the recipe differs from the run's own ({shown}); a resumed run may change only "
+            f"{', '.join(sorted(RESUMABLE))} (resume with {path})"
+        )
 
 
 def set_learning_rate(optimizer, scheduler, lr: float) -> float | None:
@@ -169,10 +171,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
     run_dir = Path(recipe.output_dir)
     ckpt_root = run_dir / "checkpoints"
     if (ckpt_root / "latest.json").is_file() and not resume:
-        raise GraftkitError(
-            f"output_dir: {run_dir} already holds a run; pass --resume to continue it, "
-            f"or set output_dir=... to start another"
-        )
+        raise GraftkitError(f"output_dir: {run_dir} already holds a run; pass --resume to continue it, or set output_dir=... to start another")
     if resume and not (ckpt_root / "latest.json").is_file():
         raise GraftkitError(f"--resume: {run_dir} has no checkpoint to resume from")
     if cfg.init_from and not resume:
@@ -311,8 +310,15 @@ def _train(recipe: Recipe, resume: bool, progress: bool, resolved: dict) -> Trai
             extra[name] = float(np.mean(windows[name]))
         pbar.set_postfix(loss=f"{step_loss:.3f}", acc=f"{np.mean(window):.1%}", **{k: f"{v:.3f}" for k, v in extra.items()})
         if done % cfg.log_every == 0 or done == cfg.steps:
-            metrics.write(step=done, loss=step_loss, answer_acc=float(np.mean(window)), lr=scheduler.get_last_lr()[0],
-                          skipped_steps=skipped, elapsed=time.perf_counter() - t0, **extra)
+            metrics.write(
+                step=done,
+                loss=step_loss,
+                answer_acc=float(np.mean(window)),
+                lr=scheduler.get_last_lr()[0],
+                skipped_steps=skipped,
+                elapsed=time.perf_counter() - t0,
+                **extra,
+            )
         if done % cfg.eval_every == 0 or done == cfg.steps:
             model.eval()
             scores = evaluate_buckets(graft, tasks, eval_buckets, cache, cfg.batch_size)
@@ -366,8 +372,10 @@ def answer_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 @torch.no_grad()
 def evaluate_buckets(graft, tasks: list[Task], buckets: dict, cache: HiddenCache, batch_size: int) -> dict[tuple[int, str], float]:
     """Two-turn accuracy (each task's own scorer) per (task index, bucket)."""
-    return {key: float(np.mean([p["correct"] for p in graft_predictions(graft, tasks[key[0]], samples, cache, batch_size)]))
-            for key, samples in buckets.items()}
+    return {
+        key: float(np.mean([p["correct"] for p in graft_predictions(graft, tasks[key[0]], samples, cache, batch_size)]))
+        for key, samples in buckets.items()
+    }
 
 
 class Metrics:

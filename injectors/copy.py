@@ -59,12 +59,9 @@ class CopyInjector(PerPositionReads):
     class Config(InjectorConfig):
         layer: int = Field(
             7,
-            description="Decoder layer (0-based; negative counts from the end) whose output each position queries the "
-            "memory with.",
+            description="Decoder layer (0-based; negative counts from the end) whose output each position queries the memory with.",
         )
-        boost: float = Field(
-            50.0, gt=0.0, le=1000.0, description="Largest raise, in logits, of a token the read holds entirely (gate 1)."
-        )
+        boost: float = Field(50.0, gt=0.0, le=1000.0, description="Largest raise, in logits, of a token the read holds entirely (gate 1).")
         window: int = Field(
             8,
             ge=0,
@@ -145,15 +142,22 @@ class CopyInjector(PerPositionReads):
 
     def prepare(self, memory, state) -> Recall:
         if not hasattr(memory, "in_write_order") or getattr(memory.config, "values", None) != "input":
-            raise GraftkitError(f"injector.kind copy: needs memory.kind episodic with values: input, not a {memory.name} memory"
-                                + (" with values: projected" if memory.name == "episodic" else ""))
+            raise GraftkitError(
+                f"injector.kind copy: needs memory.kind episodic with values: input, not a {memory.name} memory"
+                + (" with values: projected" if memory.name == "episodic" else "")
+            )
         self.pool.reset()
         self.tokens = None
         self.carried = None
         keep = (~state.is_empty).float().to(self.code.device)
         order, values = memory.in_write_order(state)
-        return Recall(tokens=torch.zeros(state.batch_size, 0, self.hidden_size, device=keep.device), keep=keep, memory=memory,
-                      state=state, kv={"order": order, "values": values.float()})
+        return Recall(
+            tokens=torch.zeros(state.batch_size, 0, self.hidden_size, device=keep.device),
+            keep=keep,
+            memory=memory,
+            state=state,
+            kv={"order": order, "values": values.float()},
+        )
 
     def prepare_inputs(self, embeds: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.pool.mask = attention_mask.bool()

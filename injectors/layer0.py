@@ -38,9 +38,7 @@ class Layer0SoftPrompt(PerPositionReads, MemoryTokenInjector):
     name = "layer0_soft_prompt"
 
     class Config(CrossAttentionConfig):
-        num_tokens: int = Field(
-            16, ge=1, le=1024, description="Memory tokens read by learned queries and prepended as a soft prompt."
-        )
+        num_tokens: int = Field(16, ge=1, le=1024, description="Memory tokens read by learned queries and prepended as a soft prompt.")
         direct_read: bool = Field(
             True,
             description="Also read the memory once per token (query: a projection of the token's embedding) and "

@@ -56,8 +56,7 @@ class MidLayer(PerPositionReads, MemoryTokenInjector):
         @model_validator(mode="after")
         def _tokens_or_own_read(self):
             if self.num_tokens == 0 and not self.direct_read:
-                raise ValueError("direct_read: false needs memory tokens to attend to: set num_tokens (e.g. 16), "
-                                 "or direct_read: true")
+                raise ValueError("direct_read: false needs memory tokens to attend to: set num_tokens (e.g. 16), or direct_read: true")
             return self
 
     config: Config

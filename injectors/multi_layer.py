@@ -38,9 +38,7 @@ class MultiLayerCrossAttention(MemoryTokenInjector):
             f"whose outputs receive the memory; default: {DEFAULT_COUNT} evenly spaced layers, "
             f"(i + 1)·num_layers // {DEFAULT_COUNT + 1}.",
         )
-        num_tokens: int = Field(
-            16, ge=1, le=1024, description="Memory tokens read by learned queries, shared by all layers."
-        )
+        num_tokens: int = Field(16, ge=1, le=1024, description="Memory tokens read by learned queries, shared by all layers.")
 
         @field_validator("layers")
         @classmethod
@@ -60,10 +58,7 @@ class MultiLayerCrossAttention(MemoryTokenInjector):
             raise GraftkitError(f"injector.layers: layer(s) {repeated} listed more than once")
         self.layers = sorted(layers)
         self.blocks = nn.ModuleDict(
-            {
-                str(layer): GatedCrossAttention(hidden_size, config.heads, config.dim_head, config.gate, config.gate_init)
-                for layer in self.layers
-            }
+            {str(layer): GatedCrossAttention(hidden_size, config.heads, config.dim_head, config.gate, config.gate_init) for layer in self.layers}
         )
 
     def _attach(self, backbone) -> None:

@@ -42,8 +42,7 @@ DIM_HEAD_HELP = (
     "of the backbone's hidden size (so a 7B backbone does not get d×d projections)."
 )
 GATE_INIT_HELP = (
-    "Initial gate pre-activation: the gate starts at tanh(gate_init). 0.0 means closed, i.e. the grafted "
-    "model starts out equal to the bare backbone."
+    "Initial gate pre-activation: the gate starts at tanh(gate_init). 0.0 means closed, i.e. the grafted model starts out equal to the bare backbone."
 )
 
 

@@ -168,4 +168,3 @@ class EpisodicMemory(Memory):
 def _gather(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Rows of `t` (b s ...) at slot `index` (b k)."""
     return t.gather(1, index.view(*index.shape, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:]))
-

@@ -71,9 +71,7 @@ class LinearMemory(Memory):
             le=1024,
             description="Tokens per chunk of the chunkwise delta rule (a speed setting: the result does not depend on it).",
         )
-        decay: bool = Field(
-            True, description="Learn a per-token forgetting gate (gated delta rule); False keeps everything until overwritten."
-        )
+        decay: bool = Field(True, description="Learn a per-token forgetting gate (gated delta rule); False keeps everything until overwritten.")
         key_span: int = Field(6, ge=1, le=16, description=KEY_SPAN_HELP)
         value_span: int = Field(1, ge=1, le=16, description=VALUE_SPAN_HELP)
         value_offset: int = Field(0, ge=0, le=16, description=VALUE_OFFSET_HELP)
@@ -152,9 +150,7 @@ class LinearMemory(Memory):
         if cfg.value_offset:
             keep = without_last_written(keep, cfg.value_offset)
         keep = rearrange(keep, "b (k c) -> k b c", c=size)
-        beta = rearrange(self.write_strengths(x), "b (k c) h -> k (b h) c", c=size) * repeat(
-            keep, "k b c -> k (b h) c", h=heads
-        )
+        beta = rearrange(self.write_strengths(x), "b (k c) h -> k (b h) c", c=size) * repeat(keep, "k b c -> k (b h) c", h=heads)
         if self.to_decay is None:
             log_kept = torch.zeros_like(beta)
         else:
@@ -179,9 +175,7 @@ class LinearMemory(Memory):
 
         w = rearrange(state["w"], "b h o i -> (b h) o i")
         # unbind, not indexing: the backward of t-th-chunk indexing would zero-fill a whole tensor per chunk
-        for chunk_values, chunk_keys, chunk_end_keys, chunk_last in zip(
-            *(t.unbind(0) for t in (new_values, new_keys, end_keys, last))
-        ):
+        for chunk_values, chunk_keys, chunk_end_keys, chunk_last in zip(*(t.unbind(0) for t in (new_values, new_keys, end_keys, last))):
             u = chunk_values - torch.matmul(chunk_keys, w.mT)  # B c o
             w = torch.addcmul(torch.matmul(u.mT, chunk_end_keys), chunk_last, w)
         return state.replace(w=rearrange(w, "(b h) o i -> b h o i", h=heads), **carried)

@@ -89,9 +89,7 @@ class TitansMemory(Memory):
 
     class Config(MemoryConfig):
         heads: int = Field(4, ge=1, le=64, description="Number of memory heads, each with its own MLP memory.")
-        dim_head: int = Field(
-            64, ge=2, le=1024, description="Width of keys, values and queries of one head (the memory MLP's in/out width)."
-        )
+        dim_head: int = Field(64, ge=2, le=1024, description="Width of keys, values and queries of one head (the memory MLP's in/out width).")
         depth: int = Field(2, ge=2, le=8, description="Layers of each head's memory MLP (Titans needs at least 2).")
         expansion: int = Field(4, ge=1, le=16, description="Hidden width of the memory MLP as a multiple of dim_head.")
         chunk_size: int = Field(
@@ -208,17 +206,13 @@ class TitansMemory(Memory):
         # keys, values and gate logits in one matmul (three separate projections)
         fused = torch.cat([self.to_keys.weight, self.to_values.weight, self.to_gates.weight])
         bias = torch.cat([torch.zeros(2 * heads * cfg.dim_head, dtype=x.dtype, device=x.device), self.to_gates.bias])
-        keys, values, gates = F.linear(F.pad(x, (0, 0, 0, pad)), fused, bias).split(
-            [heads * cfg.dim_head, heads * cfg.dim_head, 3 * heads], dim=-1
-        )
+        keys, values, gates = F.linear(F.pad(x, (0, 0, 0, pad)), fused, bias).split([heads * cfg.dim_head, heads * cfg.dim_head, 3 * heads], dim=-1)
         if key_x is not None:
             keys = F.linear(F.pad(key_x, (0, 0, 0, pad)), self.to_keys.weight)
         if value_x is not None:
             values = F.linear(F.pad(value_x, (0, 0, 0, pad)), self.to_values.weight)
         # normalise in the projection's layout, then lay chunks out contiguously for the batched matmuls
-        keys, values = (
-            F.normalize(rearrange(t, "b n (h e) -> b n h e", h=heads), dim=-1) for t in (keys, values)
-        )
+        keys, values = (F.normalize(rearrange(t, "b n (h e) -> b n h e", h=heads), dim=-1) for t in (keys, values))
         keys, values = (rearrange(t, "b (k c) h e -> k (b h) c e", c=size).contiguous() for t in (keys, values))
         lr, momentum, decay = rearrange(gates, "b (k c) (g h) -> g k (b h) c", c=size, g=3)
         keep = torch.ones(x.shape[:2], dtype=x.dtype, device=x.device) if mask is None else mask.to(x.dtype)

@@ -128,8 +128,10 @@ def main() -> None:
     test = collect(backbone, build_babilong("qa1", "test", test_length, args.test, seed=0, tokenizer=tok), layers, args.segment)
     people = len(set(train[2]))
     run_as = f"segments of {args.segment} tokens" if args.segment > 0 else "whole contexts"
-    print(f"qa1, fitted at {args.length}, scored at {test_length} ({run_as}): {len(train[2])} train facts, "
-          f"{len(test[2])} test facts, {people} people (chance {1 / people:.0%}); test accuracy of linear probes")
+    print(
+        f"qa1, fitted at {args.length}, scored at {test_length} ({run_as}): {len(train[2])} train facts, "
+        f"{len(test[2])} test facts, {people} people (chance {1 / people:.0%}); test accuracy of linear probes"
+    )
     print("| hidden state | subject from the location token | subject from the full stop | location from the location token |")
     print("|---:|---:|---:|---:|")
     for layer in layers:

@@ -50,8 +50,16 @@ def measure(args) -> None:
     print("length | whole context written | facts only")
     answers = []
     for length in args.lengths.split(","):
-        samples = build_babilong(task, "test", length, args.n, seed=recipe.task_configs()[0].seed + EVAL_SEED_OFFSET,
-                                 tokenizer=tokenizer, books=recipe.task_configs()[0].books, babi_dir=recipe.task_configs()[0].babi_dir)
+        samples = build_babilong(
+            task,
+            "test",
+            length,
+            args.n,
+            seed=recipe.task_configs()[0].seed + EVAL_SEED_OFFSET,
+            tokenizer=tokenizer,
+            books=recipe.task_configs()[0].books,
+            babi_dir=recipe.task_configs()[0].babi_dir,
+        )
         cache.fill(samples)
         right = {"graft": 0, "facts_only": 0}
         for start in bar(range(0, len(samples), 4), desc=length, leave=False):
@@ -62,13 +70,22 @@ def measure(args) -> None:
             for name, written in (("graft", mask), ("facts_only", facts)):
                 with torch.no_grad():
                     state = graft.write_hidden(hidden, written)
-                    new = graft.generate(batch["input_ids"], state, batch["attention_mask"], max_new_tokens=8,
-                                         prefix_ids=batch["prefix_ids"])
+                    new = graft.generate(batch["input_ids"], state, batch["attention_mask"], max_new_tokens=8, prefix_ids=batch["prefix_ids"])
                 for sample, output in zip(chunk, tokenizer.batch_decode(new, skip_special_tokens=True)):
                     correct = bool(compare_answers(sample.target, output, sample.question, sample.task))
                     right[name] += correct
-                    answers.append({"row": name, "uid": sample.uid, "task": sample.task, "length": sample.length,
-                                    "question": sample.question, "target": sample.target, "output": output, "correct": correct})
+                    answers.append(
+                        {
+                            "row": name,
+                            "uid": sample.uid,
+                            "task": sample.task,
+                            "length": sample.length,
+                            "question": sample.question,
+                            "target": sample.target,
+                            "output": output,
+                            "correct": correct,
+                        }
+                    )
         print(f"{length:>6} | {right['graft'] / len(samples):21.1%} | {right['facts_only'] / len(samples):10.1%}")
     if args.out:
         with open(args.out, "w") as handle:

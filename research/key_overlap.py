@@ -72,8 +72,16 @@ def measure(args) -> None:
     print("| length | head | same person: mean cosine (pairs) | different people: mean cosine (pairs) | share of fact write mass in that head |")
     print("|---|---:|---:|---:|---:|")
     for length in args.lengths.split(","):
-        samples = build_babilong(recipe.task_configs()[0].tasks[0], "test", length, args.n, seed=recipe.task_configs()[0].seed + EVAL_SEED_OFFSET,
-                                 tokenizer=tokenizer, books=recipe.task_configs()[0].books, babi_dir=recipe.task_configs()[0].babi_dir)
+        samples = build_babilong(
+            recipe.task_configs()[0].tasks[0],
+            "test",
+            length,
+            args.n,
+            seed=recipe.task_configs()[0].seed + EVAL_SEED_OFFSET,
+            tokenizer=tokenizer,
+            books=recipe.task_configs()[0].books,
+            babi_dir=recipe.task_configs()[0].babi_dir,
+        )
         same, other, masses = [], [], []
         for sample in samples:
             with torch.no_grad():

@@ -81,8 +81,16 @@ def main() -> None:
     except GraftkitError as exc:
         raise SystemExit(f"qa1_errors: {exc} (give the run's recipe with --recipe)") from None
     backbone = load_backbone({"kind": recipe.backbone.kind, **recipe.backbone.options()})
-    samples = build_babilong("qa1", "test", args.length, args.n, seed=recipe.task_configs()[0].seed + EVAL_SEED_OFFSET,
-                             tokenizer=backbone.tokenizer, books=recipe.task_configs()[0].books, babi_dir=recipe.task_configs()[0].babi_dir)
+    samples = build_babilong(
+        "qa1",
+        "test",
+        args.length,
+        args.n,
+        seed=recipe.task_configs()[0].seed + EVAL_SEED_OFFSET,
+        tokenizer=backbone.tokenizer,
+        books=recipe.task_configs()[0].books,
+        babi_dir=recipe.task_configs()[0].babi_dir,
+    )
     by_uid = {s.uid: s for s in samples}
     counts = collections.Counter()
     after = collections.defaultdict(list)  # bin -> correct flags

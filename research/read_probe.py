@@ -73,8 +73,10 @@ def main() -> None:
     cache.fill(test)
     fit, scored = collect(graft, train, cache), collect(graft, test, cache)
     both = lambda reads: torch.cat([reads[0], reads[1]], dim=-1)  # noqa: E731
-    print(f"{run} ({args.checkpoint}), qa1 at {args.length}: probe fitted on {len(fit[2])} train samples, "
-          f"scored on {len(scored[2])} test samples (chance 1/6)")
+    print(
+        f"{run} ({args.checkpoint}), qa1 at {args.length}: probe fitted on {len(fit[2])} train samples, "
+        f"scored on {len(scored[2])} test samples (chance 1/6)"
+    )
     print("| read at | answer from a linear probe |")
     print("|---|---:|")
     print(f"| the name asked about | {probe(fit[0], fit[2], scored[0], scored[2]):.1%} |")

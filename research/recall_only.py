@@ -88,9 +88,13 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=100, help="evaluate every N steps")
     parser.add_argument("--test", type=int, default=200, help="held-out samples at 1k")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--query", choices=["name", "mean", "mixture", "attention"], default="name",
-                        help="read once at the name token, or at every question position: average the reads, mix their "
-                        "classifications, or weigh them by a learned score")
+    parser.add_argument(
+        "--query",
+        choices=["name", "mean", "mixture", "attention"],
+        default="name",
+        help="read once at the name token, or at every question position: average the reads, mix their "
+        "classifications, or weigh them by a learned score",
+    )
     parser.add_argument("--save", default=None, help="write the graft tensors (safetensors) after the last step")
     args = parser.parse_args()
     if args.threads:
@@ -115,8 +119,11 @@ def main() -> None:
         raise SystemExit(f"data.tasks: recall_only reads the name in qa1 questions; got {recipe.task_configs()[0].tasks}")
     tok = graft.backbone.tokenizer
     train = build_buckets([build_task(c) for c in recipe.task_configs()], tok, "train")
-    test = [s for task in recipe.task_configs()[0].tasks
-            for s in build_babilong(task, "test", "1k", args.test, seed=recipe.task_configs()[0].seed + EVAL_SEED_OFFSET, tokenizer=tok)]
+    test = [
+        s
+        for task in recipe.task_configs()[0].tasks
+        for s in build_babilong(task, "test", "1k", args.test, seed=recipe.task_configs()[0].seed + EVAL_SEED_OFFSET, tokenizer=tok)
+    ]
     cache = HiddenCache(graft)
     for bucket in [*train.values(), test]:
         cache.fill(bucket)
@@ -167,8 +174,10 @@ def main() -> None:
         if step % args.every == 0 or step == args.steps:
             with torch.no_grad():
                 right = sum((logits(test[i : i + 8]).argmax(-1) == answers(test[i : i + 8])).sum().item() for i in range(0, len(test), 8))
-            print(f"| {step} | {np.mean(right_in_training[-args.every:]):.1%} | {right / len(test):.1%} | "
-                  f"{time.perf_counter() - started:.0f} |", flush=True)
+            print(
+                f"| {step} | {np.mean(right_in_training[-args.every :]):.1%} | {right / len(test):.1%} | {time.perf_counter() - started:.0f} |",
+                flush=True,
+            )
     if args.save:
         save_graft_tensors(graft, args.save)
         print(f"graft tensors written to {args.save}")

@@ -1,7 +1,7 @@
 """What the research scripts that measure a trained run share: their arguments and their error handling.
 
-    parser = run_parser(__doc__, lengths="1k,16k", n=100, n_help="test samples per length")
-    run("facts_only", measure, parser.parse_args())   # measure(args) loads args.run_dir
+parser = run_parser(__doc__, lengths="1k,16k", n=100, n_help="test samples per length")
+run("facts_only", measure, parser.parse_args())   # measure(args) loads args.run_dir
 """
 
 from __future__ import annotations

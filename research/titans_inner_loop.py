@@ -84,9 +84,11 @@ def main() -> None:
             updates, norms = replay(graft, hidden, mask)
         healthy = torch.isfinite(norms[-1])
         good = updates[:, healthy]
-        print(f"step {step} ({key[0]} {key[1]}): {int(healthy.sum())}/{healthy.numel()} heads finite; "
-              f"chunk update norm median {good.median():.3g}, p99 {good.quantile(0.99):.3g}, max {good.max():.3g}; "
-              f"weight norm at start {norms[0, healthy].median():.3g}, max {norms[:, healthy].max():.3g}")
+        print(
+            f"step {step} ({key[0]} {key[1]}): {int(healthy.sum())}/{healthy.numel()} heads finite; "
+            f"chunk update norm median {good.median():.3g}, p99 {good.quantile(0.99):.3g}, max {good.max():.3g}; "
+            f"weight norm at start {norms[0, healthy].median():.3g}, max {norms[:, healthy].max():.3g}"
+        )
         for head in (~healthy).nonzero().flatten().tolist():
             trail = " ".join(f"{v:.2g}" for v in norms[:, head].tolist())
             print(f"  row·head {head} diverges; weight norm by chunk: {trail}")

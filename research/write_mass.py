@@ -46,8 +46,16 @@ def measure(args) -> None:
     changed = f", {' '.join(args.overrides)}" if args.overrides else ""
     print(f"{args.run_dir} ({args.checkpoint}: step {info.get('step')}{changed}), memory {recipe.memory.kind}, n = {args.n} per length")
     for length in args.lengths.split(","):
-        samples = build_babilong(recipe.task_configs()[0].tasks[0], "test", length, args.n, seed=recipe.task_configs()[0].seed + EVAL_SEED_OFFSET,
-                                 tokenizer=tokenizer, books=recipe.task_configs()[0].books, babi_dir=recipe.task_configs()[0].babi_dir)
+        samples = build_babilong(
+            recipe.task_configs()[0].tasks[0],
+            "test",
+            length,
+            args.n,
+            seed=recipe.task_configs()[0].seed + EVAL_SEED_OFFSET,
+            tokenizer=tokenizer,
+            books=recipe.task_configs()[0].books,
+            babi_dir=recipe.task_configs()[0].babi_dir,
+        )
         masses, strong, on_facts, off_facts = [], [], [], []
         top = {True: Counter(), False: Counter()}  # in a fact: token text -> count
         for sample in samples:
@@ -67,8 +75,10 @@ def measure(args) -> None:
                 off_facts.append(strengths[~facts].mean())
         per_head = np.mean(masses, 0)
         print(f"{length:>4}: write mass {per_head.mean():7.1f} per head  [{' '.join(f'{m:.1f}' for m in per_head)}]")
-        print(f"      tokens written at >= 0.5 per head [{' '.join(f'{c:.0f}' for c in np.mean(strong, 0))}]; "
-              f"mean strength on fact tokens {np.mean(on_facts):.3f}, on background {np.mean(off_facts):.3f}")
+        print(
+            f"      tokens written at >= 0.5 per head [{' '.join(f'{c:.0f}' for c in np.mean(strong, 0))}]; "
+            f"mean strength on fact tokens {np.mean(on_facts):.3f}, on background {np.mean(off_facts):.3f}"
+        )
         for in_fact, title in ((True, "facts"), (False, "background")):
             if args.top:
                 listed = ", ".join(f"{text!r} {count}" for text, count in top[in_fact].most_common(12))

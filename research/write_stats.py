@@ -42,9 +42,11 @@ def main() -> None:
     tokens = hidden[mask]  # (tokens d), padding dropped
     mean = tokens.mean(0)
     top = mean.abs().topk(3)
-    print(f"{tokens.shape[0]} tokens at layer {graft.memory.config.write_layer}: mean token norm "
-          f"{tokens.norm(dim=-1).mean():.1f}, norm of the mean vector {mean.norm():.1f}; largest channel means "
-          + ", ".join(f"{i} ({mean[i]:.1f})" for i in top.indices.tolist()))
+    print(
+        f"{tokens.shape[0]} tokens at layer {graft.memory.config.write_layer}: mean token norm "
+        f"{tokens.norm(dim=-1).mean():.1f}, norm of the mean vector {mean.norm():.1f}; largest channel means "
+        + ", ".join(f"{i} ({mean[i]:.1f})" for i in top.indices.tolist())
+    )
     standardised = graft.write_norm(tokens) if graft.write_norm is not None else (tokens - mean) / tokens.std(0)
     print(f"mean |cos| between tokens: raw {mean_abs_cos(tokens):.2f}, standardised {mean_abs_cos(standardised):.2f}")
     to_keys, heads = graft.memory.to_keys, graft.memory.config.heads

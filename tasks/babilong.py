@@ -23,11 +23,11 @@ from graftkit.task import Example, Prompt, Task, TaskConfig, load_examples
 
 
 class BabilongConfig(TaskConfig):
-    tasks: list[str] = Field(["qa1"], min_length=1, description="bAbI tasks to train and evaluate on (qa1..qa5 vendored; "
-                             "any of qa1..qa20 with babi_dir).")
+    tasks: list[str] = Field(
+        ["qa1"], min_length=1, description="bAbI tasks to train and evaluate on (qa1..qa5 vendored; any of qa1..qa20 with babi_dir)."
+    )
     train_lengths: list[str] = Field(["0k", "1k"], min_length=1, description="Context lengths sampled for training.")
-    eval_lengths: list[str] = Field(["1k"], min_length=1, description="Context lengths evaluated (in training and by "
-                                    "`graftkit eval`).")
+    eval_lengths: list[str] = Field(["1k"], min_length=1, description="Context lengths evaluated (in training and by `graftkit eval`).")
     train_samples: int | dict[str, int] = Field(
         2000,
         description="Training samples per bAbI task and length; a mapping such as {0k: 1000, 1k: 1000, 4k: 300} "
@@ -38,15 +38,19 @@ class BabilongConfig(TaskConfig):
     books: list[str] | None = Field(None, description="Background text files to use instead of the vendored books.")
     corrected: bool = Field(False, description="Score with the corrected answer check (whole words: qa7's none/one).")
     vocabulary: Literal["babi", "held_out"] = Field(
-        "babi", description="held_out: test stories are retold with people, places, objects and movement verbs bAbI "
+        "babi",
+        description="held_out: test stories are retold with people, places, objects and movement verbs bAbI "
         "never uses, drawn per story (`graftkit.tasks.held_out`); training stories keep bAbI's words, so a graft "
-        "passes only by recalling words it was not trained on. The answer check uses each story's renamed labels.")
+        "passes only by recalling words it was not trained on. The answer check uses each story's renamed labels.",
+    )
 
     train_vocabulary: Literal["babi", "varied"] = Field(
-        "babi", description="varied: a share (`varied_share`) of training stories is retold, story by story, with "
+        "babi",
+        description="varied: a share (`varied_share`) of training stories is retold, story by story, with "
         "people, places, objects and movement verbs drawn from training pools disjoint from bAbI's and from the "
         "held-out ones (`graftkit.tasks.held_out`), so a graft learns to recall whatever words a story uses. Not with "
-        "the recall stage or loss, which classify into bAbI's answers.")
+        "the recall stage or loss, which classify into bAbI's answers.",
+    )
     varied_share: float = Field(0.5, ge=0, le=1, description="Share of training stories retold with train_vocabulary: varied.")
 
     @field_validator("tasks")
@@ -63,8 +67,10 @@ class BabilongConfig(TaskConfig):
     def _vendored(self) -> BabilongConfig:
         missing = [t for t in self.tasks if t not in TASKS]
         if self.babi_dir is None and missing:
-            raise ValueError(f"tasks: {', '.join(missing)} not in the vendored data (it holds {', '.join(TASKS)}); "
-                             "set babi_dir to a bAbI v1.2 folder (tasks_1-20_v1-2)")
+            raise ValueError(
+                f"tasks: {', '.join(missing)} not in the vendored data (it holds {', '.join(TASKS)}); "
+                "set babi_dir to a bAbI v1.2 folder (tasks_1-20_v1-2)"
+            )
         return self
 
     @field_validator("train_samples", mode="before")
@@ -125,21 +131,32 @@ class BabilongTask(Task):
         task, length = bucket.split("/")
         if n is None:
             n = self.train_count(bucket) if split == "train" else self.config.eval_samples
-        samples = build_babilong(task, split, length, n, seed=self.config.seed + seed_offset, tokenizer=tokenizer,
-                                 books=self.config.books, babi_dir=self.config.babi_dir)
+        samples = build_babilong(
+            task, split, length, n, seed=self.config.seed + seed_offset, tokenizer=tokenizer, books=self.config.books, babi_dir=self.config.babi_dir
+        )
         labels = [None] * len(samples)
         words = self._retold_words(split)  # whose pools stories are retold from: "test" (held out), "train" or None
         if words is not None:
             share = 1.0 if words == "test" else self.config.varied_share
-            picked = [share >= 1 or np.random.default_rng([self.config.seed, 41, int(s.uid[:8], 16)]).random() < share
-                      for s in samples]
-            retold = [retell(s, task_labels(task), self.config.seed, split=words) if pick else (s, None)
-                      for s, pick in zip(samples, picked)]
+            picked = [share >= 1 or np.random.default_rng([self.config.seed, 41, int(s.uid[:8], 16)]).random() < share for s in samples]
+            retold = [retell(s, task_labels(task), self.config.seed, split=words) if pick else (s, None) for s, pick in zip(samples, picked)]
             samples, labels = zip(*retold) if retold else ((), ())
         return [
-            Example(uid=s.uid, sessions=(s.context,), question=s.question, target=s.target, bucket=bucket,
-                    length=s.length, info={"task": s.task, "facts": list(s.facts), "source": s.source, "n_tokens": s.n_tokens,
-                                           **({"labels": sorted(l)} if l is not None else {})})
+            Example(
+                uid=s.uid,
+                sessions=(s.context,),
+                question=s.question,
+                target=s.target,
+                bucket=bucket,
+                length=s.length,
+                info={
+                    "task": s.task,
+                    "facts": list(s.facts),
+                    "source": s.source,
+                    "n_tokens": s.n_tokens,
+                    **({"labels": sorted(l)} if l is not None else {}),
+                },
+            )
             for s, l in zip(samples, labels)
         ]
 
@@ -162,8 +179,11 @@ class BabilongTask(Task):
         return turn2_prompt(task)
 
     def score(self, example: Example, output: str) -> bool:
-        return bool(compare_answers(example.target, output, example.question, self._bab(example), corrected=self.config.corrected,
-                                    labels=example.info.get("labels")))
+        return bool(
+            compare_answers(
+                example.target, output, example.question, self._bab(example), corrected=self.config.corrected, labels=example.info.get("labels")
+            )
+        )
 
     def labels(self, example: Example):
         return example.info.get("labels") or sorted(task_labels(self._bab(example)))
@@ -179,8 +199,7 @@ class BabilongTask(Task):
         return example.info.get("task") or example.bucket.split("/")[0]
 
 
-def babilong_examples(task: str, split: str, length: str, n: int, seed: int = 0, tokenizer=None, books=None,
-                      babi_dir=None) -> list[Example]:
+def babilong_examples(task: str, split: str, length: str, n: int, seed: int = 0, tokenizer=None, books=None, babi_dir=None) -> list[Example]:
     """Examples of one bAbI task at one length, with their turn-2 prompts: `build_babilong`'s samples as a
     task's examples (for scripts and tests that need one bucket)."""
     config = BabilongConfig(task="babilong", tasks=[task], seed=seed, books=books, babi_dir=babi_dir)

@@ -27,27 +27,141 @@ OBJECTS = ("football", "apple", "milk")
 MOVE = re.compile(r"\b(went back|journeyed|travelled|moved|went) to\b")
 
 HELD_OUT_PLACES = (
-    "garage", "attic", "cellar", "library", "studio", "balcony", "greenhouse", "pantry", "workshop", "porch",
-    "laundry room", "nursery", "chapel", "gym", "boathouse", "stable", "courtyard", "terrace", "lobby", "sauna",
-    "harbour", "bakery", "museum", "station", "market", "orchard", "barn", "lighthouse", "pharmacy", "theatre",
+    "garage",
+    "attic",
+    "cellar",
+    "library",
+    "studio",
+    "balcony",
+    "greenhouse",
+    "pantry",
+    "workshop",
+    "porch",
+    "laundry room",
+    "nursery",
+    "chapel",
+    "gym",
+    "boathouse",
+    "stable",
+    "courtyard",
+    "terrace",
+    "lobby",
+    "sauna",
+    "harbour",
+    "bakery",
+    "museum",
+    "station",
+    "market",
+    "orchard",
+    "barn",
+    "lighthouse",
+    "pharmacy",
+    "theatre",
 )
 HELD_OUT_OBJECTS = (
-    "umbrella", "lantern", "notebook", "violin", "scarf", "teapot", "compass", "kite", "hammer", "basket",
-    "candle", "helmet", "wallet", "blanket", "camera", "ladder", "bucket", "telescope", "pillow", "drum",
+    "umbrella",
+    "lantern",
+    "notebook",
+    "violin",
+    "scarf",
+    "teapot",
+    "compass",
+    "kite",
+    "hammer",
+    "basket",
+    "candle",
+    "helmet",
+    "wallet",
+    "blanket",
+    "camera",
+    "ladder",
+    "bucket",
+    "telescope",
+    "pillow",
+    "drum",
 )
-HELD_OUT_MOVES = ("walked to", "ran to", "headed to", "hurried to", "strolled to", "wandered to", "rushed to",
-                  "drove to", "cycled to", "returned to", "dashed to", "crept to")
+HELD_OUT_MOVES = (
+    "walked to",
+    "ran to",
+    "headed to",
+    "hurried to",
+    "strolled to",
+    "wandered to",
+    "rushed to",
+    "drove to",
+    "cycled to",
+    "returned to",
+    "dashed to",
+    "crept to",
+)
 TRAIN_PLACES = (
-    "basement", "loft", "den", "study", "veranda", "shed", "lounge", "pool", "cafe", "school", "hospital", "airport",
-    "church", "cinema", "farm", "beach", "park", "zoo", "bank", "hotel", "dining room", "living room", "playroom",
-    "warehouse", "factory", "clinic", "post office", "bridge", "castle", "forest",
+    "basement",
+    "loft",
+    "den",
+    "study",
+    "veranda",
+    "shed",
+    "lounge",
+    "pool",
+    "cafe",
+    "school",
+    "hospital",
+    "airport",
+    "church",
+    "cinema",
+    "farm",
+    "beach",
+    "park",
+    "zoo",
+    "bank",
+    "hotel",
+    "dining room",
+    "living room",
+    "playroom",
+    "warehouse",
+    "factory",
+    "clinic",
+    "post office",
+    "bridge",
+    "castle",
+    "forest",
 )
 TRAIN_OBJECTS = (
-    "book", "key", "ball", "cup", "phone", "hat", "bottle", "box", "pen", "watch", "bag", "spoon", "plate", "towel",
-    "brush", "rope", "torch", "mirror", "coin", "glove",
+    "book",
+    "key",
+    "ball",
+    "cup",
+    "phone",
+    "hat",
+    "bottle",
+    "box",
+    "pen",
+    "watch",
+    "bag",
+    "spoon",
+    "plate",
+    "towel",
+    "brush",
+    "rope",
+    "torch",
+    "mirror",
+    "coin",
+    "glove",
 )
-TRAIN_MOVES = ("marched to", "jogged to", "sprinted to", "raced to", "hiked to", "sped to", "trudged to", "paddled to",
-               "skipped to", "limped to", "flew to", "sailed to")
+TRAIN_MOVES = (
+    "marched to",
+    "jogged to",
+    "sprinted to",
+    "raced to",
+    "hiked to",
+    "sped to",
+    "trudged to",
+    "paddled to",
+    "skipped to",
+    "limped to",
+    "flew to",
+    "sailed to",
+)
 
 
 @functools.lru_cache(maxsize=2)
@@ -61,8 +175,7 @@ def retell(sample, labels: frozenset[str], seed: int, split: str = "test"):
     pools for `split` "test", the training pools for "train"."""
     rng = np.random.default_rng([seed, int(sample.uid[:8], 16)])
     names = _names(split)
-    places, objects, verbs = (HELD_OUT_PLACES, HELD_OUT_OBJECTS, HELD_OUT_MOVES) if split == "test" else (
-        TRAIN_PLACES, TRAIN_OBJECTS, TRAIN_MOVES)
+    places, objects, verbs = (HELD_OUT_PLACES, HELD_OUT_OBJECTS, HELD_OUT_MOVES) if split == "test" else (TRAIN_PLACES, TRAIN_OBJECTS, TRAIN_MOVES)
     mapping = {}
     for pool, held in ((PEOPLE, names), (PLACES, places), (OBJECTS, objects)):
         chosen = rng.choice(len(held), size=len(pool), replace=False)
@@ -84,8 +197,23 @@ def retell(sample, labels: frozenset[str], seed: int, split: str = "test"):
         position = at + len(old)
     context = "".join(pieces) + context[position:]
     question, target = swap(sample.question), swap(sample.target)
-    uid = sample_uid(sample.task, sample.split, sample.length, sample.index, sample.seed, context, question,
-                     target + ("/held-out" if split == "test" else "/varied"))
-    retold = replace(sample, context=context, question=question, target=target, facts=facts, uid=uid,
-                     supporting_facts=tuple(told.get(f, swap(f, moves=True)) for f in sample.supporting_facts))
+    uid = sample_uid(
+        sample.task,
+        sample.split,
+        sample.length,
+        sample.index,
+        sample.seed,
+        context,
+        question,
+        target + ("/held-out" if split == "test" else "/varied"),
+    )
+    retold = replace(
+        sample,
+        context=context,
+        question=question,
+        target=target,
+        facts=facts,
+        uid=uid,
+        supporting_facts=tuple(told.get(f, swap(f, moves=True)) for f in sample.supporting_facts),
+    )
     return retold, frozenset(swap(label) for label in labels)

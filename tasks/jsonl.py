@@ -124,8 +124,10 @@ class JsonlConfig(TaskConfig):
     test_fraction: float = Field(0.1, gt=0, lt=1, description="Share of training episodes held out when there is no test file.")
     instruction: str = Field("", description="Put before every question in turn 2, unless a line has its own.")
     scorer: Literal["exact", "contains", "f1"] = Field(
-        "exact", description="exact: the answer's first line equals the reference after normalisation (case, "
-        "punctuation, articles, spaces); contains: the reference appears in the answer; f1: token F1 >= 0.5.")
+        "exact",
+        description="exact: the answer's first line equals the reference after normalisation (case, "
+        "punctuation, articles, spaces); contains: the reference appears in the answer; f1: token F1 >= 0.5.",
+    )
     eval_samples: int | None = Field(None, gt=0, description="Test questions per bucket used during training (none = all).")
 
     @field_validator("train", "test")
@@ -177,9 +179,17 @@ class JsonlTask(Task):
             bucket = _bucket(instructions.index(self._instruction(line)), len(instructions))
             for k, qa in enumerate(line.pairs()):
                 uid = hashlib.sha256(json.dumps([context, split, k, qa.question, qa.answer]).encode()).hexdigest()[:20]
-                out.append(Example(uid=uid, sessions=tuple(line.sessions), question=qa.question, target=qa.answer,
-                                   bucket=bucket, context_uid=context,
-                                   info={"instruction": self._instruction(line), "choices": line.choices}))
+                out.append(
+                    Example(
+                        uid=uid,
+                        sessions=tuple(line.sessions),
+                        question=qa.question,
+                        target=qa.answer,
+                        bucket=bucket,
+                        context_uid=context,
+                        info={"instruction": self._instruction(line), "choices": line.choices},
+                    )
+                )
         return out
 
     def _instruction(self, line: Line) -> str:

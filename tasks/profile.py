@@ -43,42 +43,77 @@ class Attribute:
 
 
 ATTRIBUTES = (
-    Attribute("city", ("{person} lives in {value}.", "{person} moved to {value} a few years ago.", "Home for {person} is {value}."),
-              ("{person} has just moved to {value}.", "{person} lives in {value} now."),
-              ("Where does {person} live?", "Which city does {person} live in?")),
-    Attribute("employer", ("{person} works at {value}.", "{person} has a job at {value}.", "{person} is employed by {value}."),
-              ("{person} now works at {value}.", "{person} changed jobs and joined {value}."),
-              ("Where does {person} work?", "Which company does {person} work for?")),
-    Attribute("pet", ("{person} has a dog called {value}.", "{person}'s dog is named {value}.", "{person} walks a dog named {value} every morning."),
-              ("{person} adopted a new dog, {value}.",),
-              ("What is the name of {person}'s dog?", "What is {person}'s dog called?")),
-    Attribute("partner", ("{person} is married to {value}.", "{person}'s partner is {value}.", "{person} lives with a partner called {value}."),
-              ("{person} is now with {value}.",),
-              ("Who is {person}'s partner?", "Who is {person} married to?")),
-    Attribute("colour", ("{person}'s favourite colour is {value}.", "{person} loves the colour {value}."),
-              ("These days {person}'s favourite colour is {value}.",),
-              ("What is {person}'s favourite colour?",)),
-    Attribute("birthday", ("{person} was born on {value}.", "{person}'s birthday is on {value}."),
-              (),
-              ("When is {person}'s birthday?", "On which day was {person} born?")),
-    Attribute("code", ("The code of {person}'s locker is {value}.", "{person}'s locker opens with {value}."),
-              ("{person} changed the locker code to {value}.",),
-              ("What is the code of {person}'s locker?", "Which code opens {person}'s locker?")),
-    Attribute("age", ("{person} is {value} years old.", "{person} turned {value} this year."),
-              (),
-              ("How old is {person}?",)),
-    Attribute("plate", ("{person}'s car has the licence plate {value}.", "The plate on {person}'s car reads {value}."),
-              ("{person} bought a new car with the plate {value}.",),
-              ("What is the licence plate of {person}'s car?",)),
+    Attribute(
+        "city",
+        ("{person} lives in {value}.", "{person} moved to {value} a few years ago.", "Home for {person} is {value}."),
+        ("{person} has just moved to {value}.", "{person} lives in {value} now."),
+        ("Where does {person} live?", "Which city does {person} live in?"),
+    ),
+    Attribute(
+        "employer",
+        ("{person} works at {value}.", "{person} has a job at {value}.", "{person} is employed by {value}."),
+        ("{person} now works at {value}.", "{person} changed jobs and joined {value}."),
+        ("Where does {person} work?", "Which company does {person} work for?"),
+    ),
+    Attribute(
+        "pet",
+        ("{person} has a dog called {value}.", "{person}'s dog is named {value}.", "{person} walks a dog named {value} every morning."),
+        ("{person} adopted a new dog, {value}.",),
+        ("What is the name of {person}'s dog?", "What is {person}'s dog called?"),
+    ),
+    Attribute(
+        "partner",
+        ("{person} is married to {value}.", "{person}'s partner is {value}.", "{person} lives with a partner called {value}."),
+        ("{person} is now with {value}.",),
+        ("Who is {person}'s partner?", "Who is {person} married to?"),
+    ),
+    Attribute(
+        "colour",
+        ("{person}'s favourite colour is {value}.", "{person} loves the colour {value}."),
+        ("These days {person}'s favourite colour is {value}.",),
+        ("What is {person}'s favourite colour?",),
+    ),
+    Attribute(
+        "birthday",
+        ("{person} was born on {value}.", "{person}'s birthday is on {value}."),
+        (),
+        ("When is {person}'s birthday?", "On which day was {person} born?"),
+    ),
+    Attribute(
+        "code",
+        ("The code of {person}'s locker is {value}.", "{person}'s locker opens with {value}."),
+        ("{person} changed the locker code to {value}.",),
+        ("What is the code of {person}'s locker?", "Which code opens {person}'s locker?"),
+    ),
+    Attribute("age", ("{person} is {value} years old.", "{person} turned {value} this year."), (), ("How old is {person}?",)),
+    Attribute(
+        "plate",
+        ("{person}'s car has the licence plate {value}.", "The plate on {person}'s car reads {value}."),
+        ("{person} bought a new car with the plate {value}.",),
+        ("What is the licence plate of {person}'s car?",),
+    ),
 )
 CHAT = (
-    "The weather was lovely this afternoon.", "I watched a long film last night and fell asleep halfway.",
-    "Could you remind me to buy milk later?", "Traffic was terrible on the way home.", "I tried a new recipe for soup today.",
-    "My phone battery keeps running out.", "We might go hiking if it does not rain.", "I finally finished that puzzle.",
-    "The train was late again this morning.", "I should really start going to bed earlier.", "The neighbours are painting their fence.",
-    "I read an interesting article about whales.", "Lunch today was a bit too salty.", "I have a meeting at three tomorrow.",
-    "The garden needs watering.", "I found an old photo album in the attic.", "Coffee tastes better on a Sunday.",
-    "I am thinking about learning to play the piano.", "The shop on the corner has closed down.", "It has been a busy week.",
+    "The weather was lovely this afternoon.",
+    "I watched a long film last night and fell asleep halfway.",
+    "Could you remind me to buy milk later?",
+    "Traffic was terrible on the way home.",
+    "I tried a new recipe for soup today.",
+    "My phone battery keeps running out.",
+    "We might go hiking if it does not rain.",
+    "I finally finished that puzzle.",
+    "The train was late again this morning.",
+    "I should really start going to bed earlier.",
+    "The neighbours are painting their fence.",
+    "I read an interesting article about whales.",
+    "Lunch today was a bit too salty.",
+    "I have a meeting at three tomorrow.",
+    "The garden needs watering.",
+    "I found an old photo album in the attic.",
+    "Coffee tastes better on a Sunday.",
+    "I am thinking about learning to play the piano.",
+    "The shop on the corner has closed down.",
+    "It has been a busy week.",
 )
 _SUFFIX = re.compile(r"^(gmbh|&|ltd|llc|inc|ag|sa|se|ab|plc|kg|ohg|spa|srl|bv|nv|oy|as|asa|sas|sarl|and|e|y|i|und|et|en|och)$", re.I)
 
@@ -106,11 +141,16 @@ def vocabulary(split: str, seed: int, size: int = 600) -> dict[str, tuple[str, .
     fake.seed_instance(seed)
     rng = np.random.default_rng([seed, 7])
     makers = {
-        "person": fake.first_name, "city": fake.city, "employer": lambda: _company(fake.company()),
-        "pet": fake.first_name, "partner": fake.first_name,
+        "person": fake.first_name,
+        "city": fake.city,
+        "employer": lambda: _company(fake.company()),
+        "pet": fake.first_name,
+        "partner": fake.first_name,
         "colour": lambda: re.sub(r"(?<!^)(?=[A-Z])", " ", fake.color_name()).lower(),
-        "birthday": lambda: fake.date_of_birth().strftime("%B %-d"), "code": lambda: str(int(rng.integers(1000, 100000))),
-        "age": lambda: str(int(rng.integers(18, 96))), "plate": fake.license_plate,
+        "birthday": lambda: fake.date_of_birth().strftime("%B %-d"),
+        "code": lambda: str(int(rng.integers(1000, 100000))),
+        "age": lambda: str(int(rng.integers(18, 96))),
+        "plate": fake.license_plate,
     }
     out = {}
     for key, make in makers.items():
@@ -127,8 +167,11 @@ def vocabulary(split: str, seed: int, size: int = 600) -> dict[str, tuple[str, .
 
 class ProfileConfig(TaskConfig):
     sessions: list[int] = Field([1, 4, 16], min_length=1, description="Session counts: one bucket each (and per length).")
-    train_lengths: list[str] = Field(["0k", "1k"], min_length=1, description="Episode lengths for training (0k: the "
-                                     "statements alone; 1k: padded to ~1,000 tokens with chat lines and book text).")
+    train_lengths: list[str] = Field(
+        ["0k", "1k"],
+        min_length=1,
+        description="Episode lengths for training (0k: the statements alone; 1k: padded to ~1,000 tokens with chat lines and book text).",
+    )
     eval_lengths: list[str] = Field(["1k"], min_length=1, description="Episode lengths evaluated.")
     people: int = Field(3, ge=1, le=8, description="People per episode.")
     facts: int = Field(6, ge=1, le=40, description="Statements per episode (before updates).")
@@ -178,8 +221,7 @@ class ProfileTask(Task):
             index += 1
         return out[:n]
 
-    def episode(self, split: str, n_sessions: int, length: str, budget: int, index: int, seed_offset: int, tokenizer,
-                bucket: str) -> list[Example]:
+    def episode(self, split: str, n_sessions: int, length: str, budget: int, index: int, seed_offset: int, tokenizer, bucket: str) -> list[Example]:
         """The questions of one episode (all sharing its sessions)."""
         cfg = self.config
         seed = cfg.seed + seed_offset
@@ -225,10 +267,23 @@ class ProfileTask(Task):
                 target, kind = answers[(person, a)], "updated" if (person, a) in earlier else "told"
             question = _pick(rng, ATTRIBUTES[a].ask).format(person=person)
             uid = hashlib.sha256(json.dumps([context, q, question, target]).encode()).hexdigest()[:20]
-            examples.append(Example(uid=uid, sessions=tuple(sessions), question=question, target=target, bucket=bucket,
-                                    context_uid=context, length=length,
-                                    info={"kind": kind, "attribute": ATTRIBUTES[a].name, "person": person,
-                                          **({"earlier": earlier[(person, a)]} if kind == "updated" else {})}))
+            examples.append(
+                Example(
+                    uid=uid,
+                    sessions=tuple(sessions),
+                    question=question,
+                    target=target,
+                    bucket=bucket,
+                    context_uid=context,
+                    length=length,
+                    info={
+                        "kind": kind,
+                        "attribute": ATTRIBUTES[a].name,
+                        "person": person,
+                        **({"earlier": earlier[(person, a)]} if kind == "updated" else {}),
+                    },
+                )
+            )
         return examples
 
     def _sessions(self, statements, n_sessions: int, budget: int, split: str, rng, tokenizer) -> list[str]:
@@ -237,8 +292,11 @@ class ProfileTask(Task):
         cuts = np.sort(rng.integers(0, n_sessions, size=len(statements)))
         per = [[s for (_, s), c in zip(statements, cuts) if c == k] for k in range(n_sessions)]
         filler = _filler(split)
-        count = (lambda t: len(tokenizer(t, add_special_tokens=False)["input_ids"])) if tokenizer is not None else (
-            lambda t: int(len(t.split()) * 1.3) + 1)
+        count = (
+            (lambda t: len(tokenizer(t, add_special_tokens=False)["input_ids"]))
+            if tokenizer is not None
+            else (lambda t: int(len(t.split()) * 1.3) + 1)
+        )
         sessions = []
         for facts in per:
             room = budget // n_sessions - sum(count(f) for f in facts)

@@ -156,10 +156,7 @@ def test_hidden_states_with_padding_mask(backbone):
 @pytest.mark.parametrize("layer", [0, 1, 2])
 def test_hidden_states_runs_only_lower_layers(backbone, ids, layer):
     calls = [0] * backbone.num_layers
-    handles = [
-        module.register_forward_pre_hook(lambda m, a, i=i: calls.__setitem__(i, calls[i] + 1))
-        for i, module in enumerate(backbone.layers)
-    ]
+    handles = [module.register_forward_pre_hook(lambda m, a, i=i: calls.__setitem__(i, calls[i] + 1)) for i, module in enumerate(backbone.layers)]
     norm_calls = []
     handles.append(backbone.model.model.norm.register_forward_pre_hook(lambda m, a: norm_calls.append(1)))
     try:
@@ -187,7 +184,7 @@ def test_hidden_states_layer_out_of_range(backbone, ids, layer):
 def test_chat_ids_end_with_the_assistant_prefix(backbone):
     ids = backbone.chat_ids("Where is Mary?")
     prefix = backbone.tokenizer(ASSISTANT_PREFIX, add_special_tokens=False)["input_ids"]
-    assert ids[-len(prefix):] == prefix
+    assert ids[-len(prefix) :] == prefix
     text = backbone.tokenizer.decode(ids)
     assert text.endswith(ASSISTANT_PREFIX)
     assert "Where is Mary?" in text
@@ -295,8 +292,7 @@ def test_graftkit_cache_env_moves_the_cache(tmp_path, monkeypatch):
     assert torch.equal(second.embedding.weight, first.embedding.weight)
     # the same seed builds the same weights in another cache (the default one here)
     monkeypatch.undo()
-    assert torch.equal(graftkit.load_backbone({"kind": "qwen2", "source": "tiny-random"}).embedding.weight,
-                       first.embedding.weight)
+    assert torch.equal(graftkit.load_backbone({"kind": "qwen2", "source": "tiny-random"}).embedding.weight, first.embedding.weight)
 
 
 def test_a_gguf_is_converted_once_per_content_wherever_it_lies(tmp_path, monkeypatch):
@@ -355,10 +351,13 @@ def test_embedded_smollm2_answers():
     assert backbone.tokenizer.decode(ids[0]).endswith(ASSISTANT_PREFIX)
     with torch.no_grad():
         out = backbone.model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=12,
+            do_sample=False,
             pad_token_id=backbone.tokenizer.pad_token_id,
         )
-    answer = backbone.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    answer = backbone.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer, answer
     # the converted weights are cached: a wrong family is caught from the cached config
     with pytest.raises(GraftkitError, match="'mistral'.*'llama'"):

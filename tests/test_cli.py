@@ -40,10 +40,7 @@ RUNS = {
 @pytest.fixture(scope="module")
 def runs():
     """Run every command in RUNS concurrently; {name: CompletedProcess}."""
-    procs = {
-        name: subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-        for name, cmd in RUNS.items()
-    }
+    procs = {name: subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT) for name, cmd in RUNS.items()}
     results = {}
     for name, proc in procs.items():
         out, err = proc.communicate(timeout=300)

@@ -98,9 +98,18 @@ def test_training_signal_reaches_the_query_the_pool_the_gate_and_the_keys(copy_g
     state = graft.memorize(["Mary went to the kitchen.", "Sandra took the apple to the office."])
     ids, mask = question(graft, ["Where is Mary?", "Where is the football now?"])
     graft(ids, state, mask, labels=ids).loss.backward()
-    for name in ("injector.to_query.weight", "injector.window", "injector.to_window_query.weight", "injector.pool.to_q.weight",
-                 "injector.gate.weight", "injector.gate_by_match.weight", "injector.stop.weight", "memory.to_keys.weight", "memory.to_queries.weight",
-                 "memory.to_beta.weight"):
+    for name in (
+        "injector.to_query.weight",
+        "injector.window",
+        "injector.to_window_query.weight",
+        "injector.pool.to_q.weight",
+        "injector.gate.weight",
+        "injector.gate_by_match.weight",
+        "injector.stop.weight",
+        "memory.to_keys.weight",
+        "memory.to_queries.weight",
+        "memory.to_beta.weight",
+    ):
         grad = dict(graft.named_parameters())[name].grad
         assert grad is not None and grad.abs().sum() > 0, name
 

@@ -101,8 +101,10 @@ def test_known_sample_keeps_earlier_questions_out_of_the_facts():
 
 
 def test_parse_quirks_and_errors():
-    text = "1 Mary got the milk there.\n2 Mary went home.\n3 What is Mary carrying?\tmilk,apple\t1 2\n" \
-           "1 The hallway is east of the bathroom.\n2 What is east of the bathroom?\thallway\t1\n"
+    text = (
+        "1 Mary got the milk there.\n2 Mary went home.\n3 What is Mary carrying?\tmilk,apple\t1 2\n"
+        "1 The hallway is east of the bathroom.\n2 What is east of the bathroom?\thallway\t1\n"
+    )
     qs = parse_babi(text, "qa8", "test")
     assert [q.answer for q in qs] == ["milk,apple", "hallway"]
     assert qs[0].supporting_ids == (1, 2) and qs[0].question == "What is Mary carrying?"
@@ -221,8 +223,10 @@ def test_train_and_test_samples_come_from_their_own_splits():
     sample = test[0]
     sentence = max((p for p in sample.context.split(". ") if p + "." not in sample.facts), key=len)
     assert sentence in test_text and sentence not in train_text
-    marked = {"train": Book("tr", "Trainword appears in this rather long and boring training sentence. " * 50),
-              "test": Book("te", "Testword appears in this rather long and boring evaluation sentence. " * 50)}
+    marked = {
+        "train": Book("tr", "Trainword appears in this rather long and boring training sentence. " * 50),
+        "test": Book("te", "Testword appears in this rather long and boring evaluation sentence. " * 50),
+    }
     assert "Testword" in build_babilong("qa1", "test", 200, 1, 0, words, books=marked, prompt_reserve=0)[0].context
     assert "Trainword" in build_babilong("qa1", "train", 200, 1, 0, words, books=marked, prompt_reserve=0)[0].context
 
@@ -278,11 +282,13 @@ def test_tokenizer_adapters():
 
 
 def test_user_books_and_gutenberg_stripping(tmp_path):
-    raw = ("\ufeffThe Project Gutenberg EBook of Tests\r\nLicense blah.\r\n"
-           "*** START OF THIS PROJECT GUTENBERG EBOOK TESTS ***\r\n\r\nProduced by Someone\r\nand others\r\n\r\n"
-           "CHAPTER I.\r\n\r\nMr. Brown went home. He slept!\r\nDid he? Yes.\r\n\r\n"
-           "End of the Project Gutenberg EBook of Tests\r\n\r\n"
-           "   *** END OF THE PROJECT GUTENBERG EBOOK TESTS ***\r\nFull license text.\r\n")
+    raw = (
+        "\ufeffThe Project Gutenberg EBook of Tests\r\nLicense blah.\r\n"
+        "*** START OF THIS PROJECT GUTENBERG EBOOK TESTS ***\r\n\r\nProduced by Someone\r\nand others\r\n\r\n"
+        "CHAPTER I.\r\n\r\nMr. Brown went home. He slept!\r\nDid he? Yes.\r\n\r\n"
+        "End of the Project Gutenberg EBook of Tests\r\n\r\n"
+        "   *** END OF THE PROJECT GUTENBERG EBOOK TESTS ***\r\nFull license text.\r\n"
+    )
     text = strip_gutenberg(raw)
     assert text == "CHAPTER I.\n\nMr. Brown went home. He slept!\nDid he? Yes.\n"
     (tmp_path / "book.txt").write_text(raw, encoding="utf-8")
@@ -290,7 +296,10 @@ def test_user_books_and_gutenberg_stripping(tmp_path):
     assert book.name == "book"
     assert book.sentences == ("CHAPTER I.", "Mr. Brown went home.", "He slept!", "Did he?", "Yes.")
     assert split_sentences("“Well,” said Dr. Watson. J. Smith came. “Go!” he said.") == [
-        "“Well,” said Dr. Watson.", "J. Smith came.", "“Go!” he said."]
+        "“Well,” said Dr. Watson.",
+        "J. Smith came.",
+        "“Go!” he said.",
+    ]
     with pytest.raises(DataError, match="does not exist"):
         load_books("train", tmp_path / "missing.txt")
     with pytest.raises(DataError, match="no sentence of >= 10 tokens"):
@@ -303,8 +312,9 @@ def test_user_books_and_gutenberg_stripping(tmp_path):
 def test_full_context_prompt_is_the_official_template():
     prompt = full_context_prompt("qa1", "  Mary went to the kitchen.\n", "Where is Mary?")
     p = PROMPTS["qa1"]
-    assert prompt == (f"{p.instruction}\n\n{p.examples}\n\n{p.post_prompt}\n\n"
-                      "<context>\nMary went to the kitchen.\n</context>\n\nQuestion: Where is Mary?")
+    assert prompt == (
+        f"{p.instruction}\n\n{p.examples}\n\n{p.post_prompt}\n\n<context>\nMary went to the kitchen.\n</context>\n\nQuestion: Where is Mary?"
+    )
     assert p.post_prompt.startswith("Always return your answer in the following format: The most recent location")
     bare = full_context_prompt("qa1", "ctx", "Q?", instruction=False, examples=False, post_prompt=False)
     assert bare == "<context>\nctx\n</context>\n\nQuestion: Q?"
@@ -411,7 +421,9 @@ def test_the_built_wheel_carries_every_module_and_vendored_file(tmp_path):
         shutil.copy(repo / name, source / name)
     result = subprocess.run(
         [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path), str(source)],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "absent from the `packages` configuration" not in result.stdout + result.stderr

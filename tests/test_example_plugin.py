@@ -29,9 +29,7 @@ def _installed() -> bool:
     return any(ep.group == "graftkit" for ep in dist.entry_points)
 
 
-pytestmark = pytest.mark.skipif(
-    not _installed(), reason=f"{DIST} is not installed: pip install --no-deps -e examples/graftkit-example-injector"
-)
+pytestmark = pytest.mark.skipif(not _installed(), reason=f"{DIST} is not installed: pip install --no-deps -e examples/graftkit-example-injector")
 
 MEMORY = {"heads": 2, "dim_head": 16, "expansion": 2, "chunk_size": 16, "write_layer": 1}
 
@@ -69,15 +67,17 @@ def test_trains_from_a_recipe_and_exports(tmp_path, monkeypatch):
     from graftkit.train import train
 
     monkeypatch.setenv("GRAFTKIT_CACHE", str(tmp_path / "cache"))
-    recipe = validate_recipe({
-        "schema_version": 1,
-        "backbone": {"kind": "llama", "source": "tiny-random"},
-        "memory": {"kind": "titans", **MEMORY},
-        "injector": {"kind": "additive_read", "gate_init": 0.0},
-        "data": {"task": "babilong", "tasks": ["qa1"], "train_lengths": ["0k"], "eval_lengths": ["0k"], "train_samples": 8, "eval_samples": 4},
-        "train": {"steps": 3, "eval_every": 3, "batch_size": 2, "lr": 0.01, "warmup_steps": 0},
-        "output_dir": str(tmp_path / "run"),
-    })
+    recipe = validate_recipe(
+        {
+            "schema_version": 1,
+            "backbone": {"kind": "llama", "source": "tiny-random"},
+            "memory": {"kind": "titans", **MEMORY},
+            "injector": {"kind": "additive_read", "gate_init": 0.0},
+            "data": {"task": "babilong", "tasks": ["qa1"], "train_lengths": ["0k"], "eval_lengths": ["0k"], "train_samples": 8, "eval_samples": 4},
+            "train": {"steps": 3, "eval_every": 3, "batch_size": 2, "lr": 0.01, "warmup_steps": 0},
+            "output_dir": str(tmp_path / "run"),
+        }
+    )
     result = train(recipe, progress=False)
     assert result.last_step == 3 and result.best_step == 3
     from safetensors.torch import load_file
@@ -86,5 +86,4 @@ def test_trains_from_a_recipe_and_exports(tmp_path, monkeypatch):
     assert tensors["injector.gate"].abs().max() > 0  # the closed gate opened: gradients reached the plugin
     out = export_run(result.run_dir, tmp_path / "export")
     config = json.loads((out / CONFIG_FILE).read_text())
-    assert config["plugins"]["injector"] == {"name": "additive_read", "plugin": "example_injector", "distribution": DIST,
-                                             "version": "0.1.0"}
+    assert config["plugins"]["injector"] == {"name": "additive_read", "plugin": "example_injector", "distribution": DIST, "version": "0.1.0"}

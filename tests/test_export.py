@@ -112,8 +112,12 @@ def test_exact_file_set(exported):
     assert not [p for p in exported.parent.iterdir() if p.name.startswith(".")]  # no temporary directory left
     config = json.loads((exported / CONFIG_FILE).read_text())
     assert config["format_version"] == 1 and config["graftkit_version"]
-    assert config["plugins"]["memory"] == {"name": "titans", "plugin": "graftkit.memories", "distribution": "graftkit",
-                                           "version": config["graftkit_version"]}
+    assert config["plugins"]["memory"] == {
+        "name": "titans",
+        "plugin": "graftkit.memories",
+        "distribution": "graftkit",
+        "version": config["graftkit_version"],
+    }
     assert config["backbone"]["config"]["source"] == "tiny-random"
     assert {"source", "dtype", "quantize", "revision"} <= set(config["backbone"]["config"])
     assert config["backbone_manifest"]["hidden_size"] == 64 and config["backbone_manifest"]["tokenizer"]
@@ -364,10 +368,14 @@ def test_an_export_without_an_option_is_loaded_with_the_option_s_former_default(
     from graftkit.export import export_graft
 
     backbone = tiny_backbone("llama")
-    former = {"memory": {"key_span": 1, "gate_span": 1, "write_floor": 0.0},
-              "injector": {"num_tokens": 16, "direct_read": False, "gate": "scalar"}}
-    graft = graft_from_configs(backbone, "linear", {"heads": 2, "dim_head": 16, "write_layer": 1, **former["memory"]},
-                               "mid_layer", {"layer": 1, "heads": 2, **former["injector"]})
+    former = {"memory": {"key_span": 1, "gate_span": 1, "write_floor": 0.0}, "injector": {"num_tokens": 16, "direct_read": False, "gate": "scalar"}}
+    graft = graft_from_configs(
+        backbone,
+        "linear",
+        {"heads": 2, "dim_head": 16, "write_layer": 1, **former["memory"]},
+        "mid_layer",
+        {"layer": 1, "heads": 2, **former["injector"]},
+    )
     try:
         out = export_graft(graft, tmp_path / "export")
     finally:

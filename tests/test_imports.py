@@ -168,45 +168,57 @@ def write_package(root: Path, files: Mapping[str, str]) -> dict[str, Path]:
 
 
 def test_a_cycle_is_found(tmp_path):
-    dirs = write_package(tmp_path, {
-        "graftkit/__init__.py": "",
-        "graftkit/a.py": "from graftkit.b import thing\n",
-        "graftkit/b.py": "import os\n\nclass B:\n    from graftkit.c import other\n",
-        "graftkit/c.py": "from . import a\n",
-    })
+    dirs = write_package(
+        tmp_path,
+        {
+            "graftkit/__init__.py": "",
+            "graftkit/a.py": "from graftkit.b import thing\n",
+            "graftkit/b.py": "import os\n\nclass B:\n    from graftkit.c import other\n",
+            "graftkit/c.py": "from . import a\n",
+        },
+    )
     assert find_cycle(import_graph(find_modules(dirs))) == ["graftkit.a", "graftkit.b", "graftkit.c", "graftkit.a"]
 
 
 def test_imports_in_functions_and_for_type_checking_make_no_cycle(tmp_path):
-    dirs = write_package(tmp_path, {
-        "graftkit/__init__.py": "from typing import TYPE_CHECKING\n\nif TYPE_CHECKING:\n    from graftkit.a import A\n",
-        "graftkit/a.py": "import graftkit.b\n",
-        "graftkit/b.py": "def f():\n    from graftkit.a import A\n",
-        "graftkit/sub/__init__.py": "from graftkit.sub.x import X\n",
-        "graftkit/sub/x.py": "from graftkit.sub.y import Y\n",  # its own package: already running, not waited for
-        "graftkit/sub/y.py": "",
-    })
+    dirs = write_package(
+        tmp_path,
+        {
+            "graftkit/__init__.py": "from typing import TYPE_CHECKING\n\nif TYPE_CHECKING:\n    from graftkit.a import A\n",
+            "graftkit/a.py": "import graftkit.b\n",
+            "graftkit/b.py": "def f():\n    from graftkit.a import A\n",
+            "graftkit/sub/__init__.py": "from graftkit.sub.x import X\n",
+            "graftkit/sub/x.py": "from graftkit.sub.y import Y\n",  # its own package: already running, not waited for
+            "graftkit/sub/y.py": "",
+        },
+    )
     graph = import_graph(find_modules(dirs))
     assert graph["graftkit.a"] == {"graftkit.b"} and graph["graftkit"] == set()
     assert find_cycle(graph) is None
 
 
 def test_a_package_init_and_a_module_that_takes_a_name_from_it_are_a_cycle(tmp_path):
-    dirs = write_package(tmp_path, {
-        "graftkit/__init__.py": "",
-        "graftkit/sub/__init__.py": "from graftkit.sub.x import X\nclass Base: ...\n",
-        "graftkit/sub/x.py": "from graftkit.sub import Base\n",
-    })
+    dirs = write_package(
+        tmp_path,
+        {
+            "graftkit/__init__.py": "",
+            "graftkit/sub/__init__.py": "from graftkit.sub.x import X\nclass Base: ...\n",
+            "graftkit/sub/x.py": "from graftkit.sub import Base\n",
+        },
+    )
     assert find_cycle(import_graph(find_modules(dirs))) == ["graftkit.sub", "graftkit.sub.x", "graftkit.sub"]
 
 
 def test_a_plugin_import_is_found_anywhere(tmp_path):
-    dirs = write_package(tmp_path, {
-        "graftkit/__init__.py": "",
-        "graftkit/fine.py": "from graftkit.task import Task\nBUILTINS = ('graftkit.tasks',)\n",
-        "graftkit/deep.py": "def f():\n    if True:\n        from graftkit.tasks.babilong import BabilongTask\n",
-        "graftkit/sub/rel.py": "from .. import backbones\n",
-    })
+    dirs = write_package(
+        tmp_path,
+        {
+            "graftkit/__init__.py": "",
+            "graftkit/fine.py": "from graftkit.task import Task\nBUILTINS = ('graftkit.tasks',)\n",
+            "graftkit/deep.py": "def f():\n    if True:\n        from graftkit.tasks.babilong import BabilongTask\n",
+            "graftkit/sub/rel.py": "from .. import backbones\n",
+        },
+    )
     found = plugin_imports(find_modules(dirs))
     assert [f.rsplit(": ", 1)[1] for f in found] == ["graftkit.tasks", "graftkit.backbones"]
     assert found[0].endswith("deep.py:3: graftkit.tasks")

@@ -31,10 +31,7 @@ MATRIX = [
     for injector in ALL_INJECTORS
     for memory in ALL_MEMORIES
     for family in ALL_BACKBONES
-] + [
-    pytest.param((injector, ALL_MEMORIES[0], "llama", "nf4"), id=f"{injector}-{ALL_MEMORIES[0]}-llama-nf4")
-    for injector in ALL_INJECTORS
-]
+] + [pytest.param((injector, ALL_MEMORIES[0], "llama", "nf4"), id=f"{injector}-{ALL_MEMORIES[0]}-llama-nf4") for injector in ALL_INJECTORS]
 
 
 @pytest.fixture
@@ -46,9 +43,7 @@ def build(tiny_backbone):
         backbone = tiny_backbone(family, quantize, dtype)
         torch.manual_seed(0)
         mem = make_memory(memory, backbone.hidden_size)
-        inj = graftkit.create(
-            "injector", injector, hidden_size=backbone.hidden_size, num_layers=backbone.num_layers, **{**SMALL, **options}
-        )
+        inj = graftkit.create("injector", injector, hidden_size=backbone.hidden_size, num_layers=backbone.num_layers, **{**SMALL, **options})
         grafts.append(Graft(backbone, mem, inj))
         return grafts[-1]
 

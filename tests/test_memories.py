@@ -432,8 +432,10 @@ def test_value_span_starts_as_the_mean_of_the_window(name):
     window_mean = torch.stack([padded[:, t : t + 4].mean(1) for t in range(13)], dim=1)
     with torch.no_grad():
         assert torch.allclose(spanning.value_mix(x, None), window_mean, atol=1e-6)
-        assert not torch.allclose(plain.write(x, plain.init_state(2))["w" if name == "linear" else "w1"],
-                                  spanning.write(x, spanning.init_state(2))["w" if name == "linear" else "w1"])
+        assert not torch.allclose(
+            plain.write(x, plain.init_state(2))["w" if name == "linear" else "w1"],
+            spanning.write(x, spanning.init_state(2))["w" if name == "linear" else "w1"],
+        )
 
 
 def test_values_see_later_tokens_of_the_call_only():
@@ -459,8 +461,9 @@ def test_a_key_recalls_the_value_of_a_later_token(name):
         read = memory.read(x[:, :4], state)
         ahead, own = memory.recall_target(x[:, 2:]), memory.recall_target(x[:, :4])
         empty = memory.read(x[:, :4], memory.init_state(3))
-    to_ahead, empty_to_ahead, to_own = (((got - want).square().sum() / want.square().sum()).item()
-                                        for got, want in ((read, ahead), (empty, ahead), (read, own)))
+    to_ahead, empty_to_ahead, to_own = (
+        ((got - want).square().sum() / want.square().sum()).item() for got, want in ((read, ahead), (empty, ahead), (read, own))
+    )
     assert to_ahead < 0.75 * empty_to_ahead, (to_ahead, empty_to_ahead)
     assert to_ahead < 0.75 * to_own, (to_ahead, to_own)
 
@@ -651,8 +654,7 @@ def test_write_floor_is_off_in_training():
     floored, plain = floored_and_plain(0.5)
     x = torch.randn(2, 37, DIM)
     with torch.no_grad():
-        torch.testing.assert_close(floored.write(x, floored.init_state(2))["w"], plain.write(x, plain.init_state(2))["w"],
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(floored.write(x, floored.init_state(2))["w"], plain.write(x, plain.init_state(2))["w"], rtol=0, atol=0)
 
 
 def test_gate_span_leaves_every_other_initial_weight_and_the_rng_as_they_were():

@@ -32,8 +32,7 @@ BUILTIN_COMPONENTS = {
     "injector": {"layer0_soft_prompt", "mid_layer", "multi_layer_xattn", "copy"},
     "task": {"babilong", "jsonl", "profile"},
 }
-BUILTIN_PLUGINS = {"backbone": "graftkit.backbones", "memory": "graftkit.memories", "injector": "graftkit.injectors",
-                   "task": "graftkit.tasks"}
+BUILTIN_PLUGINS = {"backbone": "graftkit.backbones", "memory": "graftkit.memories", "injector": "graftkit.injectors", "task": "graftkit.tasks"}
 
 TEST_PLUGIN_DIST = "graftkit-test-plugin"
 INSTALL_HINT = "pip install --no-deps --no-build-isolation ./tests/plugins/graftkit-test-plugin"
@@ -47,9 +46,7 @@ def _installed(dist: str) -> bool:
     return True
 
 
-needs_test_plugin = pytest.mark.skipif(
-    not _installed(TEST_PLUGIN_DIST), reason=f"{TEST_PLUGIN_DIST} is not installed (CI runs: {INSTALL_HINT})"
-)
+needs_test_plugin = pytest.mark.skipif(not _installed(TEST_PLUGIN_DIST), reason=f"{TEST_PLUGIN_DIST} is not installed (CI runs: {INSTALL_HINT})")
 
 
 # -- fixtures ----------------------------------------------------------------------------------------
@@ -355,10 +352,12 @@ def test_unknown_name_through_the_public_api(isolated):
 
 
 def test_plugin_failing_on_import_is_skipped_with_a_warning(fake_entry_points):
-    fake_entry_points({
-        "broken_import": "raise ImportError('needs a package that is not installed')\n",
-        "good": memory_plugin_source("good_memory"),
-    })
+    fake_entry_points(
+        {
+            "broken_import": "raise ImportError('needs a package that is not installed')\n",
+            "good": memory_plugin_source("good_memory"),
+        }
+    )
     with pytest.warns(PluginWarning) as record:
         plugins = Plugins()
     messages = [str(w.message) for w in record if issubclass(w.category, PluginWarning)]
@@ -371,16 +370,18 @@ def test_plugin_failing_on_import_is_skipped_with_a_warning(fake_entry_points):
 
 
 def test_plugin_failing_in_its_hook_is_skipped_with_a_warning(fake_entry_points):
-    fake_entry_points({
-        "raises": """
+    fake_entry_points(
+        {
+            "raises": """
             from graftkit import hookimpl
 
             @hookimpl
             def register_injectors(register):
                 raise RuntimeError("plugin bug")
         """,
-        "good": memory_plugin_source("good_memory"),
-    })
+            "good": memory_plugin_source("good_memory"),
+        }
+    )
     with pytest.warns(PluginWarning, match=r"'raises'.*register_injectors.*plugin bug"):
         plugins = Plugins()
     assert BUILTIN_COMPONENTS["injector"] <= set(plugins.registries["injector"].classes)
@@ -388,15 +389,17 @@ def test_plugin_failing_in_its_hook_is_skipped_with_a_warning(fake_entry_points)
 
 
 def test_plugin_with_a_wrong_hook_signature_is_skipped(fake_entry_points):
-    fake_entry_points({
-        "bad_signature": """
+    fake_entry_points(
+        {
+            "bad_signature": """
             from graftkit import hookimpl
 
             @hookimpl
             def register_memories(registrar):
                 pass
         """,
-    })
+        }
+    )
     with pytest.warns(PluginWarning, match=r"(?s)'bad_signature'.*registrar"):
         plugins = Plugins()
     assert "bad_signature" not in plugins.info

@@ -23,8 +23,9 @@ def graft(tiny_backbone, tmp_path, monkeypatch):
     backbone = tiny_backbone("llama")
     torch.manual_seed(0)
     memory = make_memory("titans", backbone.hidden_size, write_layer=1)
-    injector = graftkit.create("injector", "layer0_soft_prompt", hidden_size=backbone.hidden_size,
-                               num_layers=backbone.num_layers, num_tokens=4, gate_init=0.5)
+    injector = graftkit.create(
+        "injector", "layer0_soft_prompt", hidden_size=backbone.hidden_size, num_layers=backbone.num_layers, num_tokens=4, gate_init=0.5
+    )
     g = Graft(backbone, memory, injector)
     yield g
     g.injector.detach()
@@ -74,7 +75,7 @@ def test_shared_prefix_equals_the_full_sequence(graft):
         got = graft(batch["input_ids"], state, batch["attention_mask"], prefix_ids=prefix).logits
         for row, sample in enumerate(items):
             head, question = question_parts(graft.backbone, sample)
-            bare = graft.backbone.model(torch.tensor([head + question])).logits[0, len(head):]
+            bare = graft.backbone.model(torch.tensor([head + question])).logits[0, len(head) :]
             width = len(question)
             torch.testing.assert_close(got[row, -width:], bare, atol=1e-5, rtol=1e-5)
 

@@ -36,9 +36,7 @@ def test_the_recipe_shown_in_full_is_the_file_it_names():
 
 
 def test_every_recipe_the_readme_names_exists():
-    named = set(re.findall(r"recipes/([a-z0-9_./-]+\.yaml)", README)) | {
-        f"{m}.yaml" for m in re.findall(r"`(smollm2_\w+)`", README)
-    }
+    named = set(re.findall(r"recipes/([a-z0-9_./-]+\.yaml)", README)) | {f"{m}.yaml" for m in re.findall(r"`(smollm2_\w+)`", README)}
     assert named, "the README names no recipe"
     missing = sorted(n for n in named if not (ROOT / "recipes" / n).is_file())
     assert not missing, missing

@@ -38,8 +38,10 @@ def test_the_question_reads_come_from_the_memory_and_train_only_the_graft(tmp_pa
         graft(batch["input_ids"], graft.write_hidden(*cache.get(samples)), attention_mask=batch["attention_mask"], prefix_ids=batch["prefix_ids"])
         torch.testing.assert_close(graft.injector.reads[question], reads[question].detach())
     # the same questions after other contexts: other reads
-    swapped = [dataclasses.replace(s, uid=s.uid + "-other", context_uid=s.uid + "-other", sessions=samples[(i + 1) % 4].sessions)
-               for i, s in enumerate(samples)]
+    swapped = [
+        dataclasses.replace(s, uid=s.uid + "-other", context_uid=s.uid + "-other", sessions=samples[(i + 1) % 4].sessions)
+        for i, s in enumerate(samples)
+    ]
     assert not torch.allclose(question_reads(graft, cache, swapped)[0][question], reads[question])
     reads[question].sum().backward()
     grads = {name: p.grad for name, p in graft.named_parameters()}
@@ -86,8 +88,9 @@ def test_the_last_word_is_the_name_asked_about_wherever_the_padding_puts_it(tmp_
 def test_the_recall_stage_trains_the_memory_before_the_end_to_end_steps(tmp_path, query):
     # both runs hold the memory fixed in their end-to-end steps: only the recall stage can move it
     plain = train(recipe(tmp_path, "plain", steps=2, eval_every=2, freeze=["memory"]), progress=False).run_dir
-    staged = train(recipe(tmp_path, "staged", steps=2, eval_every=2, freeze=["memory"], recall_steps=3, lr=1e-2,
-                          recall_query=query), progress=False).run_dir
+    staged = train(
+        recipe(tmp_path, "staged", steps=2, eval_every=2, freeze=["memory"], recall_steps=3, lr=1e-2, recall_query=query), progress=False
+    ).run_dir
     before = load_file(str(plain / "checkpoints" / "step-000002" / "graft.safetensors"))
     after = load_file(str(staged / "checkpoints" / "step-000002" / "graft.safetensors"))
     assert any(not torch.equal(after[k], before[k]) for k in before if k.startswith("memory."))
@@ -163,8 +166,13 @@ def test_the_recall_loss_of_a_training_pass_reads_what_the_recall_stage_reads(tm
         alone = head(reads, question, ends, head.backs(graft.backbone, samples))
         batch = turn2_batch(graft.backbone, samples, with_answers=True)
         assert len({int(n) for n in (batch["labels"] != -100).sum(1)}) > 1  # answers of several lengths
-        graft(batch["input_ids"], graft.write_hidden(*cache.get(samples)), attention_mask=batch["attention_mask"],
-              labels=batch["labels"], prefix_ids=batch["prefix_ids"])
+        graft(
+            batch["input_ids"],
+            graft.write_hidden(*cache.get(samples)),
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
+            prefix_ids=batch["prefix_ids"],
+        )
         trained = recall_logprobs(graft, head, batch["attention_mask"], batch["labels"], head.backs(graft.backbone, samples))
     torch.testing.assert_close(trained, alone)
 

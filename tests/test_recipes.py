@@ -119,10 +119,32 @@ DEFAULT = ROOT / "recipes" / "smollm2_linear_mid_layer.yaml"
 #: the component defaults: a changed default must not change it unnoticed.
 MEASURED = {
     "backbone": {"kind": "llama", "source": "smollm2-135m-instruct", "revision": None, "dtype": "float32", "quantize": None, "seed": 0},
-    "memory": {"kind": "linear", "dim": None, "write_layer": 8, "segment_tokens": 1024, "standardize": True, "heads": 8, "dim_head": 64,
-               "chunk_size": 64, "decay": False, "key_span": 6, "value_span": 1, "value_offset": 0, "gate_span": 4, "write_floor": 0.3},
-    "injector": {"kind": "mid_layer", "heads": 8, "dim_head": 64, "gate": "token", "gate_init": 0.0, "layer": 7, "num_tokens": 0,
-                 "direct_read": True},
+    "memory": {
+        "kind": "linear",
+        "dim": None,
+        "write_layer": 8,
+        "segment_tokens": 1024,
+        "standardize": True,
+        "heads": 8,
+        "dim_head": 64,
+        "chunk_size": 64,
+        "decay": False,
+        "key_span": 6,
+        "value_span": 1,
+        "value_offset": 0,
+        "gate_span": 4,
+        "write_floor": 0.3,
+    },
+    "injector": {
+        "kind": "mid_layer",
+        "heads": 8,
+        "dim_head": 64,
+        "gate": "token",
+        "gate_init": 0.0,
+        "layer": 7,
+        "num_tokens": 0,
+        "direct_read": True,
+    },
 }
 
 
@@ -197,8 +219,15 @@ def test_resuming_a_run_saved_before_compares_what_it_was_trained_with(tmp_path)
 def test_broken_corpus_covers_the_error_families():
     names = {p.stem for p in BROKEN}
     for required in (
-        "typo_top_level_key", "typo_nested_key", "wrong_types", "unknown_memory_kind", "unknown_key_in_component",
-        "missing_required", "malformed_yaml", "not_a_mapping", "three_problems",
+        "typo_top_level_key",
+        "typo_nested_key",
+        "wrong_types",
+        "unknown_memory_kind",
+        "unknown_key_in_component",
+        "missing_required",
+        "malformed_yaml",
+        "not_a_mapping",
+        "three_problems",
     ):
         assert required in names
     for path in BROKEN:
@@ -244,7 +273,7 @@ def test_unknown_kind_lists_installed_components():
     path = Path(__file__).parent / "recipes_broken" / "unknown_memory_kind.yaml"
     with pytest.raises(RecipeError) as info:
         graftkit.load_recipe(path)
-    (dotted, message), = info.value.problems
+    ((dotted, message),) = info.value.problems
     assert dotted == "memory.kind"
     for name in ("titans", "linear", "attention_slots"):
         assert name in message.split("installed:")[1]
@@ -373,8 +402,10 @@ def test_the_recall_stage_is_refused_with_training_stories_in_other_words(capsys
     assert "train.recall_steps: classifies into bAbI's answers" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("override, field", [("memory.write_layer=31", "memory.write_layer"), ("injector.layer=30", "injector.layer"),
-                                             ("injector.layer=-31", "injector.layer")])
+@pytest.mark.parametrize(
+    "override, field",
+    [("memory.write_layer=31", "memory.write_layer"), ("injector.layer=30", "injector.layer"), ("injector.layer=-31", "injector.layer")],
+)
 def test_a_layer_outside_a_known_backbone_is_refused_at_validation(override, field, capsys):
     path = str(ROOT / "recipes" / "smollm2_linear_mid_layer.yaml")
     assert main(["validate", path, override]) == 2

@@ -89,8 +89,11 @@ CORPUS = [
     ("alice.safetensors", BINARY, ASK, "refused"),
     ("data/my_episodes.jsonl", TEXT, TRAIN_ON_OWN_DATA, "refused"),
 ]
-CASES = [pytest.param(path, damage, command, outcome, id=f"{Path(path).name}-{damage.__name__}")
-         for path, damages, command, outcome in CORPUS for damage in damages]
+CASES = [
+    pytest.param(path, damage, command, outcome, id=f"{Path(path).name}-{damage.__name__}")
+    for path, damages, command, outcome in CORPUS
+    for damage in damages
+]
 
 
 @pytest.fixture(scope="module")
@@ -136,8 +139,7 @@ def test_a_damaged_file_is_named_and_nothing_is_lost(pristine, tmp_path, monkeyp
     target.write_bytes(damage(target.read_bytes()))
     before = contents(folder)
     out = tmp_path / "out"
-    argv = [a.format(run=folder / "run", export=folder / "export", state=folder / "alice.safetensors", out=out, folder=folder)
-            for a in command]
+    argv = [a.format(run=folder / "run", export=folder / "export", state=folder / "alice.safetensors", out=out, folder=folder) for a in command]
     capsys.readouterr()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -159,8 +161,17 @@ def test_the_corpus_covers_every_file_a_run_an_export_and_a_state_hold(pristine)
     """A new file type in a run, an export or a state folder must get a line in the corpus."""
     covered = {Path(path).name for path, *_ in CORPUS}
     written = {p.name for name in ("run", "export") for p in (pristine / name).rglob("*") if p.is_file()}
-    ignored = {"metrics.jsonl", "loss.png", "accuracy.png", ".graftkit-run", "README.md", "chart.png", "results.json",
-               "results.md", "predictions.jsonl"}
+    ignored = {
+        "metrics.jsonl",
+        "loss.png",
+        "accuracy.png",
+        ".graftkit-run",
+        "README.md",
+        "chart.png",
+        "results.json",
+        "results.md",
+        "predictions.jsonl",
+    }
     assert written - covered - ignored == set()
     assert (pristine / "alice.safetensors").name in covered
     json.loads((pristine / "run" / "checkpoints" / "best.json").read_text())  # the pristine run is whole
@@ -181,8 +192,10 @@ def test_a_path_that_cannot_be_written_is_a_message_before_any_work(pristine, tm
     folder = case_folder(pristine, tmp_path)
     (tmp_path / "a-file").write_text("mine")
     blocked = tmp_path / "a-file" / "sub"
-    argv = [a.format(recipe=folder / "run" / "recipe.yaml", run=folder / "run", export=folder / "export", blocked=blocked,
-                     notes=pristine / "notes.txt") for a in command]
+    argv = [
+        a.format(recipe=folder / "run" / "recipe.yaml", run=folder / "run", export=folder / "export", blocked=blocked, notes=pristine / "notes.txt")
+        for a in command
+    ]
     before = contents(folder)
     capsys.readouterr()
     assert main(argv) != 0
@@ -218,14 +231,30 @@ def _names(root: Path, pointer: str) -> str:
 PHASES = {  # phase -> (function graftkit.checkpoint calls, on which path, which call dies, what the kill left)
     "step folder written, not yet renamed": ("os.replace", ".step-", 2, lambda root: (root / ".step-000004.tmp").is_dir()),
     "step folder renamed, latest.json not yet updated": (
-        "_point", "latest.json", 2, lambda root: (root / "step-000004").is_dir() and _names(root, "latest.json") == "step-000002"),
+        "_point",
+        "latest.json",
+        2,
+        lambda root: (root / "step-000004").is_dir() and _names(root, "latest.json") == "step-000002",
+    ),
     "best copy written, not yet renamed": ("os.replace", ".best-", 2, lambda root: (root / ".best-000004.tmp").is_dir()),
     "best copy renamed, best.json not yet updated": (
-        "_point", "best.json", 2, lambda root: (root / "best-000004").is_dir() and _names(root, "best.json") == "best-000002"),
+        "_point",
+        "best.json",
+        2,
+        lambda root: (root / "best-000004").is_dir() and _names(root, "best.json") == "best-000002",
+    ),
     "best.json updated, the old copy not yet removed": (
-        "shutil.rmtree", "best-", 3, lambda root: (root / "best-000002").is_dir() and _names(root, "best.json") == "best-000004"),
+        "shutil.rmtree",
+        "best-",
+        3,
+        lambda root: (root / "best-000002").is_dir() and _names(root, "best.json") == "best-000004",
+    ),
     "old steps being pruned": (
-        "shutil.rmtree", "step-", 1, lambda root: (root / "step-000002").is_dir() and _names(root, "latest.json") == "step-000006"),
+        "shutil.rmtree",
+        "step-",
+        1,
+        lambda root: (root / "step-000002").is_dir() and _names(root, "latest.json") == "step-000006",
+    ),
 }
 
 
@@ -248,8 +277,11 @@ def test_a_kill_at_any_phase_of_a_checkpoint_write_loses_nothing(pristine, tmp_p
         paths[name].write_text(json.dumps({**recipe, "output_dir": str(tmp_path / name)}))
     assert main(["train", str(paths["straight"])]) == 0
     target, start, nth, left = PHASES[phase]
-    owner, attribute = (checkpoint.os, "replace") if target == "os.replace" else (
-        (checkpoint.shutil, "rmtree") if target == "shutil.rmtree" else (checkpoint, target))
+    owner, attribute = (
+        (checkpoint.os, "replace")
+        if target == "os.replace"
+        else ((checkpoint.shutil, "rmtree") if target == "shutil.rmtree" else (checkpoint, target))
+    )
     with monkeypatch.context() as patch:
         patch.setattr(owner, attribute, _dies_at(start, nth)(getattr(owner, attribute)))
         assert main(["train", str(paths["killed"])]) == 130  # interrupted

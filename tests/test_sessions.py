@@ -91,8 +91,13 @@ def test_save_then_load_in_a_fresh_process(graft, export_dir, setup, tmp_path):
     state = memorize(graft, STORY)
     path = save_state(graft, state, tmp_path / "alice.safetensors")
     script = SUBPROCESS.format(directory=str(export_dir), path=str(path), question=QUESTION)
-    got = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "GRAFTKIT_CACHE": str(setup[2]), "OMP_NUM_THREADS": "1"})
+    got = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "GRAFTKIT_CACHE": str(setup[2]), "OMP_NUM_THREADS": "1"},
+    )
     assert got.returncode == 0, got.stderr
     got = json.loads(got.stdout.strip().splitlines()[-1])
     ids = torch.tensor([graft.backbone.chat_ids(QUESTION)])
@@ -242,8 +247,10 @@ def test_cli_user_mistakes_are_messages(export_dir, tmp_path, capsys):
         (["memorize", str(tmp_path / "nowhere"), "--state", str(tmp_path / "s"), str(notes)], "no such export directory"),
         (["memorize", str(export_dir), "--state", str(tmp_path / "s"), str(tmp_path / "missing.txt")], "missing.txt: cannot read"),
         (["ask", str(export_dir), "--state", str(garbage), QUESTION], "not a readable memory state file"),
-        (["memorize", str(export_dir), "--state", str(tmp_path / "s"), str(notes), str(garbage.with_name("empty.txt"))],
-         "empty.txt: nothing to memorize"),
+        (
+            ["memorize", str(export_dir), "--state", str(tmp_path / "s"), str(notes), str(garbage.with_name("empty.txt"))],
+            "empty.txt: nothing to memorize",
+        ),
     ]
     garbage.with_name("empty.txt").write_text("  \n")
     for argv, message in cases:
@@ -298,4 +305,3 @@ def test_cli_chat_reports_a_bad_line_and_keeps_the_session(graft, export_dir, tm
     assert int(load_state(graft, state).tokens_written[0]) == len(graft.backbone.text_ids(fact))
     assert main(["chat", str(export_dir), "--state", str(state), "--max-new-tokens", "0"]) == 1
     assert "--max-new-tokens: must be at least 1" in capsys.readouterr().err
-

@@ -50,11 +50,16 @@ def test_scorers_normalise_case_punctuation_and_articles():
 
 # -- jsonl -------------------------------------------------------------------------------------------------------------
 def test_jsonl_reads_both_forms_and_groups_questions_by_episode(tmp_path):
-    path = write_lines(tmp_path / "e.jsonl", [
-        {"sessions": "The code is 4471.", "question": "What is the code?", "answer": "4471"},
-        {"sessions": ["Ana lives in Porto.", "Ana has a cat, Miso."],
-         "questions": [{"question": "Where does Ana live?", "answer": "Porto"}, {"question": "Cat?", "answer": "Miso"}]},
-    ])
+    path = write_lines(
+        tmp_path / "e.jsonl",
+        [
+            {"sessions": "The code is 4471.", "question": "What is the code?", "answer": "4471"},
+            {
+                "sessions": ["Ana lives in Porto.", "Ana has a cat, Miso."],
+                "questions": [{"question": "Where does Ana live?", "answer": "Porto"}, {"question": "Cat?", "answer": "Miso"}],
+            },
+        ],
+    )
     task = build_task(configure("task", "jsonl", {"task": "jsonl", "train": str(path), "test": str(path)})[1])
     examples = load_examples(task, "test", "jsonl", None)
     assert [e.target for e in examples] == ["4471", "Porto", "Miso"]
@@ -65,21 +70,28 @@ def test_jsonl_reads_both_forms_and_groups_questions_by_episode(tmp_path):
 
 
 def test_jsonl_names_every_bad_line_and_loads_nothing(tmp_path):
-    path = write_lines(tmp_path / "train.jsonl", [
-        {"sessions": "ok", "question": "q?", "answer": "a"},
-        '{"sessions": "x", "question": "q?"',
-        {"sessions": "x", "question": "q?"},
-        {"sessions": [], "question": "q?", "answer": "a"},
-        {"sessions": "x", "question": "q?", "answer": "a", "choices": ["b", "c"]},
-        {"sessions": "x", "question": "q?", "answer": "a", "colour": "red"},
-    ])
+    path = write_lines(
+        tmp_path / "train.jsonl",
+        [
+            {"sessions": "ok", "question": "q?", "answer": "a"},
+            '{"sessions": "x", "question": "q?"',
+            {"sessions": "x", "question": "q?"},
+            {"sessions": [], "question": "q?", "answer": "a"},
+            {"sessions": "x", "question": "q?", "answer": "a", "choices": ["b", "c"]},
+            {"sessions": "x", "question": "q?", "answer": "a", "colour": "red"},
+        ],
+    )
     with pytest.raises(JsonlError) as err:
         read_episodes(path)
     message = str(err.value)
     assert "5 problem(s); nothing was loaded" in message
-    for expected in ("train.jsonl:2: not valid JSON", "train.jsonl:3: line: needs question and answer",
-                     "train.jsonl:4: sessions:", "train.jsonl:5: line: answer 'a' is not one of choices",
-                     "train.jsonl:6: colour: Extra inputs are not permitted"):
+    for expected in (
+        "train.jsonl:2: not valid JSON",
+        "train.jsonl:3: line: needs question and answer",
+        "train.jsonl:4: sessions:",
+        "train.jsonl:5: line: answer 'a' is not one of choices",
+        "train.jsonl:6: colour: Extra inputs are not permitted",
+    ):
         assert expected in message, message
     assert "train.jsonl:1" not in message
 
@@ -184,9 +196,11 @@ def test_a_recipe_mixes_tasks_by_weight_and_reports_every_block_error():
 def test_objectives_that_need_a_closed_answer_set_or_fact_marks_are_refused_on_tasks_without(tmp_path):
     path = write_lines(tmp_path / "e.jsonl", [{"sessions": "x", "question": "q?", "answer": "a"}])
     data = {"task": "jsonl", "train": str(path)}
-    for field, message in (("recall_steps", "needs tasks with answers from a closed set to classify reads into"),
-                           ("recall_weight", "needs tasks with answers from a closed set to classify reads into"),
-                           ("background_cost", "needs tasks with a way to tell fact tokens from background")):
+    for field, message in (
+        ("recall_steps", "needs tasks with answers from a closed set to classify reads into"),
+        ("recall_weight", "needs tasks with answers from a closed set to classify reads into"),
+        ("background_cost", "needs tasks with a way to tell fact tokens from background"),
+    ):
         with pytest.raises(RecipeError, match=f"train.{field}: {message}; task 'jsonl' has none"):
             validate_recipe({**TINY, "data": data, "train": {**TINY["train"], field: 1}})
 
@@ -206,10 +220,14 @@ def test_a_mixed_recipe_trains_and_evaluates_each_task(tmp_path):
     from graftkit.train import train
 
     path = write_lines(tmp_path / "e.jsonl", [{"sessions": f"The code is {i}.", "question": "Code?", "answer": str(i)} for i in range(12)])
-    raw = {**TINY, "output_dir": str(tmp_path / "run"), "data": [
-        {"task": "jsonl", "train": str(path), "test_fraction": 0.25},
-        {"task": "profile", "sessions": [2], "train_lengths": ["0k"], "eval_lengths": ["0k"], "train_samples": 8, "eval_samples": 4},
-    ]}
+    raw = {
+        **TINY,
+        "output_dir": str(tmp_path / "run"),
+        "data": [
+            {"task": "jsonl", "train": str(path), "test_fraction": 0.25},
+            {"task": "profile", "sessions": [2], "train_lengths": ["0k"], "eval_lengths": ["0k"], "train_samples": 8, "eval_samples": 4},
+        ],
+    }
     result = train(validate_recipe(raw), progress=False)
     lines = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert set(next(r for r in lines if "eval" in r)["eval"]) == {"jsonl", "profile/2s/0k"}
@@ -218,8 +236,11 @@ def test_a_mixed_recipe_trains_and_evaluates_each_task(tmp_path):
 def test_a_run_trained_with_the_recall_stage_evaluates_on_an_open_answer_task(tmp_path, capsys):
     from graftkit.train import train
 
-    raw = {**TINY, "output_dir": str(tmp_path / "run"), "data": {
-        "task": "babilong", "tasks": ["qa1"], "train_lengths": ["0k"], "eval_lengths": ["0k"], "train_samples": 6, "eval_samples": 2}}
+    raw = {
+        **TINY,
+        "output_dir": str(tmp_path / "run"),
+        "data": {"task": "babilong", "tasks": ["qa1"], "train_lengths": ["0k"], "eval_lengths": ["0k"], "train_samples": 6, "eval_samples": 2},
+    }
     train(validate_recipe({**raw, "train": {**TINY["train"], "recall_steps": 2}}), progress=False)
     profile_block = "data=[{task: profile, sessions: [1], eval_lengths: [1k]}]"
     assert main(["eval", str(tmp_path / "run"), profile_block, "--n", "3", "--lengths", "0k", "--rows", "graft,chance"]) == 0
@@ -238,8 +259,9 @@ def test_a_run_trained_with_the_recall_stage_evaluates_on_an_open_answer_task(tm
 
 
 # -- a third-party task ------------------------------------------------------------------------------------------------
-@pytest.mark.skipif(not _installed("graftkit-test-task"),
-                    reason="CI runs: pip install --no-deps --no-build-isolation ./tests/plugins/graftkit-test-task")
+@pytest.mark.skipif(
+    not _installed("graftkit-test-task"), reason="CI runs: pip install --no-deps --no-build-isolation ./tests/plugins/graftkit-test-task"
+)
 def test_a_third_party_task_trains_evaluates_and_exports(tmp_path):
     from graftkit.evaluate import evaluate_run
     from graftkit.export import export_run, load_graft
@@ -351,9 +373,12 @@ def test_varied_training_retells_a_share_of_training_stories_in_words_disjoint_f
     from graftkit.tasks import held_out
     from graftkit.tasks.babilong import BabilongConfig, BabilongTask
 
-    for ours, theirs in ((held_out.TRAIN_PLACES, held_out.HELD_OUT_PLACES + held_out.PLACES),
-                         (held_out.TRAIN_OBJECTS, held_out.HELD_OUT_OBJECTS + held_out.OBJECTS),
-                         (held_out.TRAIN_MOVES, held_out.HELD_OUT_MOVES), (held_out._names("train"), held_out._names("test"))):
+    for ours, theirs in (
+        (held_out.TRAIN_PLACES, held_out.HELD_OUT_PLACES + held_out.PLACES),
+        (held_out.TRAIN_OBJECTS, held_out.HELD_OUT_OBJECTS + held_out.OBJECTS),
+        (held_out.TRAIN_MOVES, held_out.HELD_OUT_MOVES),
+        (held_out._names("train"), held_out._names("test")),
+    ):
         assert not set(ours) & set(theirs)
     tok = byte_tokenizer()
     standard = BabilongTask(BabilongConfig(tasks=["qa1"], train_lengths=["0k"]))

@@ -300,8 +300,7 @@ def test_eval_overrides_change_that_evaluation_only(tmp_path, capsys, monkeypatc
 
     import graftkit.evaluate as evaluation
 
-    raw = {**RECIPE, "memory": {"kind": "linear", "heads": 2, "dim_head": 16, "decay": False, "write_layer": 1},
-           "output_dir": str(tmp_path / "run")}
+    raw = {**RECIPE, "memory": {"kind": "linear", "heads": 2, "dim_head": 16, "decay": False, "write_layer": 1}, "output_dir": str(tmp_path / "run")}
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(raw))
     assert main(["train", str(tmp_path / "tiny.yaml"), "train.steps=1", "train.eval_every=1"]) == 0
     recipe_text = (tmp_path / "run" / "recipe.yaml").read_text()
@@ -403,10 +402,14 @@ def test_read_loss_scores_the_answer_at_question_positions_only(tmp_path):
     assert reached.tolist() == [[False, False, True, True, False, False], [True, True, True, False, False, False]]
 
 
-@pytest.mark.parametrize("injector", [
-    {"kind": "layer0_soft_prompt", "num_tokens": 4},
-    {"kind": "mid_layer", "layer": 1, "direct_read": True},
-], ids=lambda i: i["kind"])
+@pytest.mark.parametrize(
+    "injector",
+    [
+        {"kind": "layer0_soft_prompt", "num_tokens": 4},
+        {"kind": "mid_layer", "layer": 1, "direct_read": True},
+    ],
+    ids=lambda i: i["kind"],
+)
 def test_read_loss_is_added_to_the_answer_loss(tmp_path, injector):
     from graftkit.tasks.babilong import babilong_examples
 
@@ -516,8 +519,7 @@ def test_a_wrong_init_from_is_refused_by_name(tmp_path):
 def test_frozen_tensors_stay_as_loaded_while_the_rest_trains(tmp_path):
     first = train(recipe(tmp_path, "first", steps=2, eval_every=2), progress=False).run_dir
     saved = load_file(str(first / "checkpoints" / "step-000002" / "graft.safetensors"))
-    second = train(recipe(tmp_path, "second", steps=2, eval_every=2, lr=1e-2, init_from=str(first), freeze=["memory"]),
-                   progress=False).run_dir
+    second = train(recipe(tmp_path, "second", steps=2, eval_every=2, lr=1e-2, init_from=str(first), freeze=["memory"]), progress=False).run_dir
     after = load_file(str(second / "checkpoints" / "step-000002" / "graft.safetensors"))
     memory = [k for k in saved if k.startswith("memory.")]
     assert memory and all(torch.equal(after[k], saved[k]) for k in memory)

@@ -119,7 +119,7 @@ def test_background_tokens_are_the_context_outside_the_facts(tmp_path):
     n_tokens = max(len(graft.backbone.text_ids(s.context)) for s in in_books)
     for row, sample in zip(background_tokens(tokenizer, TASK, in_books, n_tokens + 5), in_books):
         offsets = tokenizer(sample.context, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-        assert not row[len(offsets):].any()  # padding is not background
+        assert not row[len(offsets) :].any()  # padding is not background
         kept = "".join(sample.context[a:b] for (a, b), outside in zip(offsets, row) if not outside)
         assert kept.split() == " ".join(sample.info["facts"]).split()  # the facts' words, in order, and nothing else
         assert 0.5 < row[: len(offsets)].mean() < 1.0  # most of a 1k context is book text
@@ -187,7 +187,9 @@ def test_the_preserve_loss_is_zero_while_the_graft_is_the_backbone_and_trains_it
             prefix = head if kind == "prompt" else []
             ids = torch.cat([torch.tensor([prefix] * r["ids"].shape[0], dtype=torch.long).reshape(r["ids"].shape[0], -1), r["ids"]], 1)
             mask_ = torch.cat([torch.ones(ids.shape[0], len(prefix), dtype=torch.long), r["mask"]], 1)
-            bare = graft.backbone.model(input_ids=ids, attention_mask=mask_, position_ids=(mask_.cumsum(-1) - 1).clamp(min=0)).logits[:, len(prefix):]
+            bare = graft.backbone.model(input_ids=ids, attention_mask=mask_, position_ids=(mask_.cumsum(-1) - 1).clamp(min=0)).logits[
+                :, len(prefix) :
+            ]
             grafted = graft(r["ids"], state.select(range(ids.shape[0])), attention_mask=r["mask"], prefix_ids=prefix or None).logits
             p, q = torch.log_softmax(bare[r["compared"]], -1), torch.log_softmax(grafted[r["compared"]], -1)
             top = p.topk(r["top"].shape[1], -1).indices

@@ -22,8 +22,7 @@ def make_graft(tiny_backbone):
         torch.manual_seed(0)
         memory = make_memory("linear", backbone.hidden_size, write_layer=1, **memory_options)
         kind, options = injector
-        injector = graftkit.create("injector", kind, hidden_size=backbone.hidden_size,
-                                   num_layers=backbone.num_layers, num_tokens=4, **options)
+        injector = graftkit.create("injector", kind, hidden_size=backbone.hidden_size, num_layers=backbone.num_layers, num_tokens=4, **options)
         built.append(Graft(backbone, memory, injector, calibrate=calibrate))
         return built[-1]
 

@@ -84,9 +84,7 @@ class Sample:
         return turn2_prompt(self.task)
 
 
-def sample_uid(
-    task: str, split: str, length: str, index: int, seed: int, context: str, question: str, target: str
-) -> str:
+def sample_uid(task: str, split: str, length: str, index: int, seed: int, context: str, question: str, target: str) -> str:
     """The uid of a sample: sha256 of its identity and content, 20 hex digits."""
     payload = json.dumps([FORMAT_VERSION, task, split, length, index, seed, context, question, target])
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:20]
@@ -144,9 +142,7 @@ def sample_background(
     jumps = 0
     while total < budget:
         jumps += 1
-        if jumps == 100 and not any(
-            counter.sentence_count(b, j) >= min_sentence_tokens for b in usable for j in range(len(b.sentences))
-        ):
+        if jumps == 100 and not any(counter.sentence_count(b, j) >= min_sentence_tokens for b in usable for j in range(len(b.sentences))):
             raise DataError(f"the background books hold no sentence of >= {min_sentence_tokens} tokens")
         book = usable[int(rng.integers(len(usable)))]
         for j in range(int(rng.integers(len(book.sentences))), len(book.sentences)):
@@ -277,8 +273,17 @@ def build_babilong(
     """
     return list(
         iter_babilong(
-            task, split, length, n, seed, tokenizer, books, babi_dir,
-            start=start, prompt_reserve=prompt_reserve, min_sentence_tokens=min_sentence_tokens,
+            task,
+            split,
+            length,
+            n,
+            seed,
+            tokenizer,
+            books,
+            babi_dir,
+            start=start,
+            prompt_reserve=prompt_reserve,
+            min_sentence_tokens=min_sentence_tokens,
         )
     )
 

@@ -37,9 +37,7 @@ _END_NOTE = re.compile(r"^[ \t]*End of (?:the )?Project Gutenberg.*$", re.M | re
 _PRODUCED = re.compile(r"^\s*Produced by\b.*?(?:\n[ \t]*\n|\Z)", re.S | re.I)
 _PG_NOTE = re.compile(r"project gutenberg|^\W*(?:original )?transcriber\W?s notes?\W*$", re.I)
 
-_ABBREVIATIONS = frozenset(
-    "mr mrs ms messrs dr st mt capt col gen lt sgt rev prof sr jr hon esq gov vs etc viz no vol ch chap fig".split()
-)
+_ABBREVIATIONS = frozenset("mr mrs ms messrs dr st mt capt col gen lt sgt rev prof sr jr hon esq gov vs etc viz no vol ch chap fig".split())
 _BOUNDARY = re.compile(r"[.!?]+[\"'\u201d\u2019)\]_]*(?=\s+[\"'\u201c\u2018(\[_]*[A-Z0-9])")
 _PARAGRAPH = re.compile(r"\n[ \t]*\n")
 

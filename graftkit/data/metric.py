@@ -65,9 +65,7 @@ def task_labels(task: str) -> frozenset[str]:
     try:
         return TASK_LABELS[task]
     except KeyError:
-        raise DataError(
-            f"no BABILong answer labels for task {task!r}: the official check covers {', '.join(TASK_LABELS)}"
-        ) from None
+        raise DataError(f"no BABILong answer labels for task {task!r}: the official check covers {', '.join(TASK_LABELS)}") from None
 
 
 def compare_answers(
@@ -99,8 +97,7 @@ def accuracy(
 ) -> float:
     """Fraction of outputs :func:`compare_answers` accepts."""
     if not (len(targets) == len(outputs) == len(questions)):
-        raise DataError(f"accuracy needs as many targets, outputs and questions; got {len(targets)}, "
-                        f"{len(outputs)}, {len(questions)}")
+        raise DataError(f"accuracy needs as many targets, outputs and questions; got {len(targets)}, {len(outputs)}, {len(questions)}")
     if not targets:
         raise DataError("accuracy of zero samples is undefined")
     hits = sum(compare_answers(t, o, q, task, corrected) for t, o, q in zip(targets, outputs, questions))

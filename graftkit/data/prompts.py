@@ -165,10 +165,7 @@ PROMPTS: dict[str, PromptPieces] = {
             "Answer: apple\n"
             "</example>"
         ),
-        post_prompt=(
-            "Your answer should contain only one word. Do not write anything else after that. "
-            "Do not explain your answer."
-        ),
+        post_prompt=("Your answer should contain only one word. Do not write anything else after that. Do not explain your answer."),
     ),
     "qa6": PromptPieces(
         instruction=_LOCATION_INSTRUCTION,
@@ -183,10 +180,7 @@ PROMPTS: dict[str, PromptPieces] = {
             "Answer: no\n"
             "</example>\n"
         ),
-        post_prompt=(
-            "Your answer should contain only one word - $yes$ or $no$. Do not write anything else after that. "
-            "Do not explain your answer."
-        ),
+        post_prompt=("Your answer should contain only one word - $yes$ or $no$. Do not write anything else after that. Do not explain your answer."),
     ),
     "qa7": PromptPieces(
         instruction=_OBJECTS_INSTRUCTION,
@@ -246,10 +240,7 @@ PROMPTS: dict[str, PromptPieces] = {
             "Answer: yes\n"
             "</example>\n"
         ),
-        post_prompt=(
-            "Your answer should contain only one word - $yes$ or $no$. Do not write anything else. "
-            "Do not explain your answer."
-        ),
+        post_prompt=("Your answer should contain only one word - $yes$ or $no$. Do not write anything else. Do not explain your answer."),
     ),
     "qa10": PromptPieces(
         instruction=_LOCATION_INSTRUCTION,
@@ -268,10 +259,7 @@ PROMPTS: dict[str, PromptPieces] = {
             "</example>\n"
             "<context>\n"
         ),
-        post_prompt=(
-            "Your answer should contain only one word - $yes$ or $no$ or $maybe$. Do not write anything else. "
-            "Do not explain your answer."
-        ),
+        post_prompt=("Your answer should contain only one word - $yes$ or $no$ or $maybe$. Do not write anything else. Do not explain your answer."),
     ),
 }
 

@@ -147,10 +147,7 @@ def check_task(task: str) -> str:
 def check_split(split: str) -> str:
     """``split`` if it is ``"train"`` or ``"test"``, else a :class:`DataError`."""
     if split not in SPLITS:
-        raise DataError(
-            f"unknown split {split!r}: use 'train' (bAbI train stories, training books) "
-            "or 'test' (bAbI test stories, test books)"
-        )
+        raise DataError(f"unknown split {split!r}: use 'train' (bAbI train stories, training books) or 'test' (bAbI test stories, test books)")
     return split
 
 

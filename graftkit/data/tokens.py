@@ -79,10 +79,7 @@ class TokenCounter:
                     "pass a tokenizer with encode() or a count_tokens(str) -> int function"
                 ) from None
             return (lambda text: _length(tok(text))), None
-        raise DataError(
-            f"cannot count tokens with {type(tok).__name__}: pass a tokenizer with encode() "
-            "or a count_tokens(str) -> int function"
-        )
+        raise DataError(f"cannot count tokens with {type(tok).__name__}: pass a tokenizer with encode() or a count_tokens(str) -> int function")
 
     def count(self, text: str) -> int:
         """Tokens in ``text`` (short strings are remembered)."""

@@ -127,8 +127,9 @@ def _babi_entries(shared: Path, out: Path) -> list[dict]:
         data = _read_source(shared, rel)
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         (out / rel).write_bytes(data)
-        entries.append({"file": rel, "source": rel, "source_sha256": sha256(data), "sha256": sha256(data),
-                        "bytes": len(data), "note": "copied unchanged"})
+        entries.append(
+            {"file": rel, "source": rel, "source_sha256": sha256(data), "sha256": sha256(data), "bytes": len(data), "note": "copied unchanged"}
+        )
     return entries
 
 
@@ -174,8 +175,9 @@ def build(shared: Path, out: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("shared", type=Path, help="the shared/data folder (with babi/ and haystack/)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "vendor",
-                        help="output folder (default: this package's vendor/)")
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).resolve().parent / "vendor", help="output folder (default: this package's vendor/)"
+    )
     args = parser.parse_args(argv)
     manifest = build(args.shared, args.out)
     for entry in manifest["files"]:

@@ -72,9 +72,14 @@ class PreserveLoss(Objective):
             if kind == "prompt":
                 head, ids = backbone.chat_parts("", self.prompts[index])
                 whole = torch.tensor([head + ids], device=backbone.device)
-                out = backbone.model.generate(input_ids=whole, attention_mask=torch.ones_like(whole), max_new_tokens=ANSWER_TOKENS,
-                                              do_sample=False, pad_token_id=backbone.tokenizer.pad_token_id)
-                ids, first, skip = ids + out[0, whole.shape[1]:].tolist(), len(ids) - 1, len(head)
+                out = backbone.model.generate(
+                    input_ids=whole,
+                    attention_mask=torch.ones_like(whole),
+                    max_new_tokens=ANSWER_TOKENS,
+                    do_sample=False,
+                    pad_token_id=backbone.tokenizer.pad_token_id,
+                )
+                ids, first, skip = ids + out[0, whole.shape[1] :].tolist(), len(ids) - 1, len(head)
             else:
                 ids, first, skip, head = backbone.text_ids(self.passages[index])[:PASSAGE_TOKENS], 0, 0, []
             logits = backbone.model(input_ids=torch.tensor([head + ids], device=backbone.device)).logits[0, skip + first : -1]
@@ -96,9 +101,13 @@ class PreserveLoss(Objective):
             for k, row in enumerate(rows):
                 start = ids.shape[1] - len(row.ids)
                 compared[k, start + row.first : ids.shape[1] - 1] = True
-            out[kind] = {"ids": ids, "mask": mask, "compared": compared,
-                         "top": torch.cat([r.top for r in rows]).to(hidden.device),
-                         "logp": torch.cat([r.logp for r in rows]).to(hidden.device)}
+            out[kind] = {
+                "ids": ids,
+                "mask": mask,
+                "compared": compared,
+                "top": torch.cat([r.top for r in rows]).to(hidden.device),
+                "logp": torch.cat([r.logp for r in rows]).to(hidden.device),
+            }
         return {"preserve": out}
 
     def forward(self, graft, hidden, hidden_mask, batch):
@@ -111,6 +120,6 @@ class PreserveLoss(Objective):
             labels[:, 1:] = torch.where(compared[:, :-1], ids[:, 1:], -100)
             prefix = graft.backbone.chat_parts("", "")[0] if kind == "prompt" else None
             logits = graft(ids, state, attention_mask=rows["mask"], labels=labels, prefix_ids=prefix).logits
-            terms.append(coarse_kl(logits[compared[:, -logits.shape[1]:]], rows["top"], rows["logp"]))
+            terms.append(coarse_kl(logits[compared[:, -logits.shape[1] :]], rows["top"], rows["logp"]))
         kl = torch.stack(terms).mean()
         return kl, {"preserve_kl": kl}

@@ -48,8 +48,9 @@ class PassphraseTask(Task):
             word = "".join(SYLLABLES[int(k)] for k in rng.integers(len(SYLLABLES), size=self.config.syllables))
             text = f"The passphrase is {word}."
             uid = hashlib.sha256(f"{split}/{i}/{text}".encode()).hexdigest()[:20]
-            out.append(Example(uid=uid, sessions=(text, "Nothing else happened today."), question="What is the passphrase?",
-                               target=word, bucket=bucket))
+            out.append(
+                Example(uid=uid, sessions=(text, "Nothing else happened today."), question="What is the passphrase?", target=word, bucket=bucket)
+            )
         return out
 
     def prompt(self, example):

@@ -43,13 +43,13 @@ class AdditiveRead(Injector):
 
     class Config(InjectorConfig):
         gate_init: float = Field(
-            0.0, ge=-10.0, le=10.0,
+            0.0,
+            ge=-10.0,
+            le=10.0,
             description="Initial gate pre-activation per channel; the gate is tanh(gate), so 0.0 starts closed "
             "(the grafted model equals the bare backbone).",
         )
-        query_scale: float = Field(
-            1.0, gt=0.0, description="Scale of the query projection's initial weights (1.0: PyTorch's default init)."
-        )
+        query_scale: float = Field(1.0, gt=0.0, description="Scale of the query projection's initial weights (1.0: PyTorch's default init).")
 
     config: Config
 

@@ -25,14 +25,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from einops import repeat
-from graftkit.injectors.xattn import GATE_HELP, CrossAttentionConfig, GatedCrossAttention, GateKind, MemoryTokenInjector
+from graftkit.injectors.xattn import GATE_HELP, CrossAttentionConfig, DirectRead, GatedCrossAttention, GateKind, MemoryTokenInjector
 from pydantic import Field
 from torch import nn
 
-from graftkit.injector import PerPositionReads, state_dtype
 
-
-class Layer0SoftPrompt(PerPositionReads, MemoryTokenInjector):
+class Layer0SoftPrompt(DirectRead, MemoryTokenInjector):
     """Memory tokens prepended as a soft prompt, plus gated per-token cross-attention at the embeddings."""
 
     name = "layer0_soft_prompt"
@@ -56,10 +54,6 @@ class Layer0SoftPrompt(PerPositionReads, MemoryTokenInjector):
         # Median norm of the backbone's input embeddings; a property of the backbone, set by `attach`.
         self.register_buffer("embed_norm", torch.ones(()), persistent=False)
 
-    @classmethod
-    def reads_each_position(cls, config: Config) -> bool:
-        return config.direct_read
-
     def _attach(self, backbone) -> None:
         with torch.no_grad():
             self.embed_norm.fill_(backbone.embedding.weight.detach().float().norm(dim=-1).median().item())
@@ -82,9 +76,4 @@ class Layer0SoftPrompt(PerPositionReads, MemoryTokenInjector):
         recall = self.context
         if recall is None:
             return None
-        extra = None
-        if self.to_query is not None:
-            query = self.to_query(output.float()).to(state_dtype(recall.state))
-            extra = recall.memory.read(query, recall.state).float()
-            self.reads = extra
-        return self.block(output, recall, extra)
+        return self.block(output, recall, self.read_directly(output.float(), recall))

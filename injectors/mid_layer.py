@@ -17,14 +17,14 @@ Legend: b batch, n tokens, k memory tokens, d hidden size.
 
 from __future__ import annotations
 
-from graftkit.injectors.xattn import GATE_HELP, CrossAttentionConfig, GatedCrossAttention, GateKind, MemoryTokenInjector
+from graftkit.injectors.xattn import GATE_HELP, CrossAttentionConfig, DirectRead, GatedCrossAttention, GateKind, MemoryTokenInjector
 from pydantic import Field, model_validator
 from torch import nn
 
-from graftkit.injector import PerPositionReads, check_layer, hook_output, replace_output, state_dtype
+from graftkit.injector import check_layer, hook_output, replace_output
 
 
-class MidLayer(PerPositionReads, MemoryTokenInjector):
+class MidLayer(DirectRead, MemoryTokenInjector):
     """One gated cross-attention block on the output of one decoder layer."""
 
     name = "mid_layer"
@@ -68,10 +68,6 @@ class MidLayer(PerPositionReads, MemoryTokenInjector):
         self.block = GatedCrossAttention(hidden_size, config.heads, config.dim_head, config.gate, config.gate_init)
         self.to_query = nn.Linear(hidden_size, hidden_size, bias=False) if config.direct_read else None
 
-    @classmethod
-    def reads_each_position(cls, config: Config) -> bool:
-        return config.direct_read
-
     def _attach(self, backbone) -> None:
         self.hook(backbone.layers[self.layer], self._on_layer)
 
@@ -79,10 +75,5 @@ class MidLayer(PerPositionReads, MemoryTokenInjector):
         if self.context is None:
             return None
         hidden, _ = hook_output(output)
-        extra = None
-        if self.to_query is not None:
-            recall = self.context
-            query = self.to_query(self.normalize_query(hidden.float())).to(state_dtype(recall.state))
-            extra = recall.memory.read(query, recall.state).float()
-            self.reads = extra
+        extra = self.read_directly(self.normalize_query(hidden.float()), self.context)
         return replace_output(output, self.block(hidden, self.context, extra))

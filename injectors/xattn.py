@@ -26,7 +26,7 @@ from einops import einsum, rearrange
 from pydantic import Field
 from torch import nn
 
-from graftkit.injector import Injector, InjectorConfig, MemoryTokens
+from graftkit.injector import Injector, InjectorConfig, MemoryTokens, PerPositionReads, state_dtype
 from graftkit.memory import Memory
 from graftkit.state import MemoryState
 
@@ -153,3 +153,23 @@ class MemoryTokenInjector(Injector):
     def prepare(self, memory: Memory, state: MemoryState) -> Recall:
         tokens = self.memory_tokens(memory, state).float()
         return Recall(tokens=tokens, keep=(~state.is_empty).float().to(tokens.device), memory=memory, state=state)
+
+
+class DirectRead(PerPositionReads):
+    """Base of an injector whose positions can also read the memory themselves (`config.direct_read`): the
+    subclass sets `to_query` (a projection d -> d) when it does, None otherwise."""
+
+    to_query: nn.Module | None
+
+    @classmethod
+    def reads_each_position(cls, config: InjectorConfig) -> bool:
+        return bool(getattr(config, "direct_read", False))
+
+    def read_directly(self, x: torch.Tensor, recall: Recall) -> torch.Tensor | None:
+        """Each position's own read (b n d, float32; kept in `reads`) with the query `to_query(x)`, or None
+        without direct reads."""
+        if self.to_query is None:
+            return None
+        query = self.to_query(x).to(state_dtype(recall.state))
+        self.reads = recall.memory.read(query, recall.state).float()
+        return self.reads

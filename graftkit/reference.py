@@ -37,7 +37,7 @@ BLOCKS = {
     "memory": "The memory that is written in turn 1 and read in turn 2. `kind` picks it; every memory takes "
     "the shared keys, and each kind adds its own.",
     "injector": "How what the memory recalls reaches the backbone. `kind` picks it; the keys below are that "
-    "injector's options. Gates start closed, so an untrained graft answers as the bare backbone does.",
+    "injector's options. With an empty memory every built-in injector leaves the backbone's logits unchanged.",
     "data": "One task block (a mapping) or a list of them. `task` picks the task; every block takes the shared "
     "keys, and each task adds its own. Each training step draws its batch from one bucket of one task: a "
     "task by `weight`, then one of its buckets uniformly.",
